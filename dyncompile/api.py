@@ -1,0 +1,137 @@
+"""Public entry points: ``optimize()`` and ``inspect()``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import sympy
+import torch
+from torch import nn
+
+from .config import DynConfig, validate_budget, validate_methods
+from .errors import trace_error
+from .passes.blocks import Block, evaluate
+from .passes.detect import BlockSet, detect_blocks
+from .passes.cost import bind_sizes
+from .runtime.module import DynModule, call_batch
+
+
+def optimize(model: nn.Module, budget: float = 1.0, methods: Iterable[str] | str | None = None,
+             calibration: Iterable[Any] | None = None, *, compiler: str = "inductor",
+             form_options: Mapping[str, Mapping[str, Any]] | None = None,
+             dynamic: bool | None = None) -> DynModule:
+    """Compile ``model`` with the ``dyn`` backend and return a budget-controlled module.
+
+    budget: default fraction of dense FLOPs to spend, in (0, 1]; change it any
+        time with ``opt.budget = b`` or ``with dyncompile.budget(b):``; no recompile.
+    methods: adaptive forms to apply (see ``dyncompile.known_methods()``).
+    calibration: batches (dicts of kwargs, tuples of args, or tensors) run once
+        now, to trace, compile and calibrate the forms.
+    compiler: "inductor" (default) or "eager" (rewritten graph, not compiled).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize() takes an nn.Module, got {type(model).__name__}")
+    config = DynConfig(budget=validate_budget(budget), methods=validate_methods(methods),
+                       compiler=compiler, form_options=dict(form_options or {}))
+    opt = DynModule(model, config, dynamic=dynamic)
+    if calibration is not None:
+        opt.calibrate(calibration)
+    return opt
+
+
+@dataclass
+class InspectReport:
+    """What ``inspect()`` found: blocks of every traced graph and their FLOP shares."""
+
+    blocks: list[Block]
+    graphs: list[BlockSet]
+    sizes: dict[str, int] = field(default_factory=dict)
+    total_flops: sympy.Expr = sympy.Integer(0)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {k: sum(1 for b in self.blocks if b.kind == k)
+                for k in ("ffn", "attention", "residual")}
+
+    def share(self, block: Block) -> float:
+        """Fraction of the whole model's modelled FLOPs this block costs at the example sizes."""
+        total = evaluate(self.total_flops, self.sizes)
+        return block.flops_at(self.sizes) / total if total else 0.0
+
+    def table(self) -> str:
+        sizes = ", ".join(f"{k}={v}" for k, v in self.sizes.items()) or "static shapes"
+        total = evaluate(self.total_flops, self.sizes)
+        rows = [(b.kind, b.name, str(b.flops), f"{100 * self.share(b):5.1f}%") for b in self.blocks]
+        head = ("kind", "name", "FLOPs", "share")
+        widths = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(4)]
+        widths[2] = min(widths[2], 40)
+        fmt = "  ".join(f"{{:{'>' if i == 3 else '<'}{w}}}" for i, w in enumerate(widths))
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(k, n, f if len(f) <= 40 else f[:37] + "...", s)
+                  for k, n, f, s in rows]
+        c = self.counts
+        lines.append("")
+        lines.append(f"{c['ffn']} ffn, {c['attention']} attention, {c['residual']} residual "
+                     f"blocks in {len(self.graphs)} graph(s); model FLOPs {self.total_flops} "
+                     f"= {total:.3e} at {sizes}")
+        if not self.blocks:
+            lines.append("no FFN, attention or residual blocks found")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _mark_dynamic(inputs: Any) -> None:
+    tensors = list(inputs.values()) if isinstance(inputs, dict) else (
+        list(inputs) if isinstance(inputs, (tuple, list)) else [inputs])
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.dim() < 1:
+            continue
+        dims = range(min(2, t.dim())) if t is first or t.shape[:2] == first.shape[:2] else []
+        for d in dims:
+            if t.shape[d] > 1:
+                torch._dynamo.maybe_mark_dynamic(t, d)
+
+
+def inspect(model: nn.Module, example_inputs: Any, *, symbolic: bool = True) -> InspectReport:
+    """Trace ``model`` on ``example_inputs`` (a tuple of args or a dict of kwargs) and report its blocks.
+
+    Costs are sympy expressions in the batch ``B`` and sequence ``S`` sizes
+    when ``symbolic`` (sizes of 1 stay constant); shares are evaluated at the
+    example's sizes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inspect() takes an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, (tuple, list, dict, torch.Tensor)):
+        raise TypeError("example_inputs must be a tuple of positional args or a dict of kwargs")
+    graphs: list[BlockSet] = []
+    sizes: dict[str, int] = {}
+
+    def capture(gm: torch.fx.GraphModule, args: list[Any]) -> Any:
+        found = detect_blocks(gm)
+        graphs.append(found)
+        sizes.update(bind_sizes(gm, list(args), found.raw_symbols))
+        return gm.forward
+
+    if symbolic:
+        _mark_dynamic(example_inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=capture)
+    try:
+        with torch.no_grad():
+            call_batch(compiled, example_inputs)
+    except Exception as e:
+        from .runtime.module import _is_dynamo_error
+
+        if _is_dynamo_error(e):
+            raise trace_error(model, e) from e
+        raise
+    finally:
+        torch._dynamo.reset()
+    blocks = [b for g in graphs for b in g.blocks]
+    total = sum((g.total_flops for g in graphs), sympy.Integer(0))
+    return InspectReport(blocks=blocks, graphs=graphs, sizes=sizes, total_flops=total)
+

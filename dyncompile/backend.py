@@ -1,0 +1,96 @@
+"""The ``dyn`` dynamo backend: normalize -> detect -> rewrite -> compile.
+
+Registered through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="dyn", options={...})`` works after ``import torch``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import sympy
+import torch
+from torch import fx
+
+from .config import DynConfig
+from .passes.cost import size_symbols
+from .passes.manager import PassContext, PassManager, Snapshot
+from .runtime import stats as _stats
+from .runtime.budget import BudgetState
+
+log = logging.getLogger("dyncompile")
+
+
+class _DenseCost:
+    """Dense FLOPs of one graph for the sizes of each call (lambdified once)."""
+
+    def __init__(self, gm: fx.GraphModule, total: sympy.Expr, relevant: set) -> None:
+        total = sympy.sympify(total)
+        mapping = size_symbols(gm, relevant)
+        self.const = None if total.free_symbols else float(total)
+        self.where: list[tuple[int, int, sympy.Symbol]] = []
+        if self.const is None:
+            by_name = {str(v): v for v in mapping.values()}
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            from .passes.graph_utils import sym, tensor_value
+
+            for i, node in enumerate(placeholders):
+                val = tensor_value(node)
+                if val is None:
+                    continue
+                for d, size in enumerate(val.shape):
+                    s = mapping.get(sym(size))
+                    if s is not None and str(s) in by_name:
+                        self.where.append((i, d, s))
+            syms = sorted(total.free_symbols, key=str)
+            self.syms = syms
+            self.fn = sympy.lambdify(syms, total, "math")
+
+    def __call__(self, args: tuple) -> float:
+        if self.const is not None:
+            return self.const
+        values: dict[sympy.Symbol, int] = {}
+        for i, d, s in self.where:
+            if s not in values and isinstance(args[i], torch.Tensor):
+                values[s] = args[i].shape[d]
+        return float(self.fn(*[values.get(s, 1) for s in self.syms]))
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConfig,
+                  state: BudgetState | None = None,
+                  capture: list[Snapshot] | None = None) -> Callable:
+    """Run the passes on one dynamo graph and compile it; returns the callable dynamo runs."""
+    state = state or BudgetState(config.budget)
+    manager = PassManager.from_config(config)
+    ctx = PassContext(config=config, example_inputs=list(example_inputs), state=state)
+    gm = manager.run(gm, ctx, capture=capture)
+    for line in ctx.log:
+        log.info(line)
+    blocks = ctx.blocks
+    cost = _DenseCost(gm, blocks.total_flops if blocks is not None else 0,
+                      blocks.raw_symbols if blocks is not None else set())
+    if config.compiler == "eager":
+        compiled = gm.forward
+    else:
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, example_inputs)
+    _stats.count_compile()
+
+    def run(*args: Any) -> Any:
+        value = state.sync()
+        _stats.record_graph(cost(args), value)
+        return compiled(*args)
+
+    run._dyn_blocks = blocks  # type: ignore[attr-defined]
+    return run
+
+
+def dyn_backend(gm: fx.GraphModule, example_inputs: list[Any],
+                options: dict[str, Any] | None = None, mode: str | None = None) -> Callable:
+    """Dynamo backend entry point (``backend="dyn"``)."""
+    options = dict(options or {})
+    state = options.pop("state", None)
+    config = DynConfig.from_options(options)
+    return compile_graph(gm, example_inputs, config, state)

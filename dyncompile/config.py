@@ -1,0 +1,103 @@
+"""DynConfig: what the ``dyn`` backend and ``optimize()`` do, validated once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+_COMPILERS = ("inductor", "eager")
+
+
+def validate_budget(value: Any) -> float:
+    """Return the budget as a float in (0, 1], or raise ValueError naming the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            import torch
+
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = float(value)
+            else:
+                raise TypeError
+        except TypeError:
+            raise ValueError(
+                f"budget must be a number in (0, 1] (fraction of dense FLOPs), got {value!r}"
+            ) from None
+    value = float(value)
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"budget must be a number in (0, 1] (fraction of dense FLOPs), got {value!r}"
+        )
+    return value
+
+
+def known_methods() -> list[str]:
+    from .passes.rewrite import FORMS
+
+    return sorted(FORMS)
+
+
+def validate_methods(methods: Any) -> tuple[str, ...]:
+    """Return methods as a tuple of registered form names, or raise ValueError listing them."""
+    if methods is None:
+        return ()
+    if isinstance(methods, str):
+        methods = [methods]
+    try:
+        methods = list(methods)
+    except TypeError:
+        raise ValueError(f"methods must be a list of names, got {methods!r}") from None
+    known = known_methods()
+    for m in methods:
+        if m not in known:
+            listed = ", ".join(known) if known else "none registered yet"
+            raise ValueError(f"unknown method {m!r}; known methods: {listed}")
+    return tuple(dict.fromkeys(methods))
+
+
+@dataclass(frozen=True)
+class DynConfig:
+    """Options of the ``dyn`` backend.
+
+    budget: default fraction of dense FLOPs to spend (0, 1]; can change per call.
+    methods: adaptive forms to apply (names from ``dyncompile.config.known_methods()``).
+    compiler: "inductor" (default) or "eager" (run the rewritten graph as is).
+    form_options: per-form settings, ``{"expert": {...}}``.
+    """
+
+    budget: float = 1.0
+    methods: tuple[str, ...] = ()
+    compiler: str = "inductor"
+    form_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", validate_budget(self.budget))
+        object.__setattr__(self, "methods", validate_methods(self.methods))
+        if self.compiler not in _COMPILERS:
+            raise ValueError(f"compiler must be one of {_COMPILERS}, got {self.compiler!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "DynConfig":
+        """Build from ``torch.compile(..., options={...})``; unknown keys raise ValueError."""
+        options = dict(options or {})
+        allowed = {"budget", "methods", "compiler", "form_options"}
+        unknown = set(options) - allowed - {"state"}
+        if unknown:
+            raise ValueError(
+                f"unknown dyn option(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+            )
+        options.pop("state", None)
+        return cls(**options)
+
+    def uuid(self) -> str:
+        """Stable hash of everything that changes the compiled graph (not the budget)."""
+        data = asdict(self)
+        data.pop("budget")
+        blob = json.dumps(data, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def as_methods(methods: Iterable[str] | str | None) -> tuple[str, ...]:
+    return validate_methods(methods)

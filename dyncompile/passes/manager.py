@@ -1,0 +1,116 @@
+"""Pass manager: the ordered graph passes built from a DynConfig."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from ..config import DynConfig
+from .detect import BlockSet, detect_blocks
+from .graph_utils import op_kind
+from .normalize import expand_fused_attention
+from .rewrite import FORMS
+
+
+@dataclass
+class PassContext:
+    """What passes share while they run on one graph."""
+
+    config: DynConfig
+    example_inputs: list[Any]
+    state: Any = None
+    blocks: BlockSet | None = None
+    log: list[str] = field(default_factory=list)
+
+
+class Pass:
+    """A graph pass: ``name``, ``version`` and ``run(gm, ctx)``.
+
+    ``uuid()`` feeds Inductor's FX graph cache key, so a change of pass version
+    or options never reuses a stale compiled graph.
+    """
+
+    name: str = "pass"
+    version: str = "1"
+
+    def __init__(self, config: DynConfig) -> None:
+        self.config = config
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def uuid(self) -> str:
+        return f"{self.name}:{self.version}:{self.config.uuid()}"
+
+
+class NormalizePass(Pass):
+    """Expand fused attention calls into plain ops (see passes.normalize)."""
+
+    name = "normalize"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        n = expand_fused_attention(gm)
+        if n:
+            ctx.log.append(f"normalize: expanded {n} fused attention call(s)")
+
+
+class DetectPass(Pass):
+    """Find FFN, attention and residual blocks; stores them on the context."""
+
+    name = "detect"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        ctx.blocks = detect_blocks(gm)
+        ctx.log.append(f"detect: {ctx.blocks.counts()}")
+
+
+@dataclass
+class Snapshot:
+    """The graph as one pass left it."""
+
+    after: str
+    code: str
+    op_counts: Counter
+
+
+def op_counts(gm: fx.GraphModule) -> Counter:
+    """Count nodes by coarse kind, plus each custom-op target by name."""
+    counts: Counter = Counter()
+    for n in gm.graph.nodes:
+        counts[op_kind(n)] += 1
+        if n.op == "call_function" and "dyncompile" in str(n.target):
+            counts[str(n.target)] += 1
+    return counts
+
+
+class PassManager:
+    """Runs normalize -> detect -> each configured form, in that order."""
+
+    def __init__(self, passes: list[Pass]) -> None:
+        self.passes = passes
+
+    @classmethod
+    def from_config(cls, config: DynConfig) -> "PassManager":
+        passes: list[Pass] = [NormalizePass(config), DetectPass(config)]
+        passes += [FORMS[m](config) for m in config.methods]
+        return cls(passes)
+
+    def uuid(self) -> str:
+        blob = "|".join(p.uuid() for p in self.passes)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext,
+            capture: list[Snapshot] | None = None) -> fx.GraphModule:
+        if capture is not None:
+            capture.append(Snapshot("input", gm.code, op_counts(gm)))
+        for p in self.passes:
+            p.run(gm, ctx)
+            if capture is not None:
+                capture.append(Snapshot(p.name, gm.code, op_counts(gm)))
+        gm.graph.lint()
+        gm.recompile()
+        return gm

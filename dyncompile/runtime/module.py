@@ -1,0 +1,102 @@
+"""DynModule: the optimized model returned by ``dyncompile.optimize``."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..config import DynConfig, validate_budget
+from ..errors import trace_error
+from . import stats as _stats
+from .budget import BudgetState
+
+
+class DynModule(nn.Module):
+    """A model compiled by the ``dyn`` backend, with a call-time budget.
+
+    Call it like the original model. ``opt.budget = 0.5`` sets the default
+    budget; ``with dyncompile.budget(0.3):`` overrides it for enclosed calls.
+    ``opt.stats`` holds what the last call spent.
+    """
+
+    def __init__(self, model: nn.Module, config: DynConfig, dynamic: bool | None = None) -> None:
+        super().__init__()
+        from ..backend import dyn_backend
+
+        self.model = model
+        self.config = config
+        self.state = BudgetState(config.budget)
+        self.stats = _stats.CallStats(budget=config.budget)
+        self._traced = False
+        options: dict[str, Any] = {**_options(config), "state": self.state}
+        self._compiled = torch.compile(model, backend=dyn_backend, options=options,
+                                       dynamic=dynamic)
+        try:
+            self.__signature__ = inspect.signature(model.forward)
+        except (TypeError, ValueError):  # pragma: no cover
+            pass
+
+    @property
+    def budget(self) -> float:
+        """Default budget of this model's calls, a fraction of dense FLOPs in (0, 1]."""
+        return self.state.default
+
+    @budget.setter
+    def budget(self, value: float) -> None:
+        self.state.default = validate_budget(value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.state.lock:
+            token = _stats.begin_call(self.state.sync())
+            try:
+                out = self._call(*args, **kwargs)
+            finally:
+                self.stats = _stats.end_call(token)
+            return out
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
+        if self._traced:
+            return self._compiled(*args, **kwargs)
+        try:
+            out = self._compiled(*args, **kwargs)
+        except Exception as e:
+            if _is_dynamo_error(e):
+                raise trace_error(self.model, e) from e
+            raise
+        self._traced = True
+        return out
+
+    def calibrate(self, batches: Iterable[Any]) -> None:
+        """Run calibration batches (dicts of kwargs, tuples of args, or tensors)."""
+        for batch in batches:
+            with torch.no_grad():
+                call_batch(self, batch)
+
+
+def call_batch(fn: Any, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return fn(**batch)
+    if isinstance(batch, (tuple, list)):
+        return fn(*batch)
+    return fn(batch)
+
+
+def _options(config: DynConfig) -> dict[str, Any]:
+    return {"budget": config.budget, "methods": list(config.methods),
+            "compiler": config.compiler, "form_options": dict(config.form_options)}
+
+
+def _is_dynamo_error(e: BaseException) -> bool:
+    from torch._dynamo import exc as dexc
+
+    return isinstance(e, (dexc.TorchDynamoException, dexc.Unsupported)) or any(
+        "torch/_dynamo" in (f.filename or "") for f in _tb(e))
+
+
+def _tb(e: BaseException) -> list:
+    import traceback
+
+    return traceback.extract_tb(e.__traceback__) if e.__traceback__ else []

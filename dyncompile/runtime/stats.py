@@ -1,0 +1,82 @@
+"""What each call really spent, from the cost model and the forms' ops."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from dataclasses import dataclass
+
+
+@dataclass
+class CallStats:
+    """FLOPs of one call: dense (the model as traced) and spent (after forms skipped work)."""
+
+    dense_flops: float = 0.0
+    spent_flops: float = 0.0
+    budget: float = 1.0
+    graphs: int = 0
+
+    @property
+    def fraction(self) -> float:
+        """Spent / dense FLOPs (1.0 when nothing was skipped)."""
+        return self.spent_flops / self.dense_flops if self.dense_flops else 1.0
+
+    def __repr__(self) -> str:
+        return (f"CallStats(budget={self.budget:.3f}, spent={self.fraction:.3f} of "
+                f"{self.dense_flops:.3e} dense FLOPs, graphs={self.graphs})")
+
+
+_CURRENT: contextvars.ContextVar[CallStats | None] = contextvars.ContextVar(
+    "dyncompile_call_stats", default=None)
+_LAST = CallStats()
+_lock = threading.Lock()
+_compiles = 0
+
+
+def begin_call(budget: float) -> contextvars.Token:
+    """Start collecting stats for one user-level call."""
+    return _CURRENT.set(CallStats(budget=budget))
+
+
+def end_call(token: contextvars.Token) -> CallStats:
+    global _LAST
+    stats = _CURRENT.get() or CallStats()
+    _CURRENT.reset(token)
+    _LAST = stats
+    return stats
+
+
+def record_graph(dense: float, budget: float) -> None:
+    """A compiled graph ran: add its dense FLOPs (spent starts equal to dense)."""
+    global _LAST
+    stats = _CURRENT.get()
+    if stats is None:  # a plain torch.compile call: each graph is its own call
+        _LAST = CallStats(dense, dense, budget, 1)
+        return
+    stats.dense_flops += dense
+    stats.spent_flops += dense
+    stats.budget = budget
+    stats.graphs += 1
+
+
+def record_saving(flops: float) -> None:
+    """Called by a form's op: this call skipped ``flops`` of the dense work."""
+    stats = _CURRENT.get()
+    target = stats if stats is not None else _LAST
+    target.spent_flops -= flops
+
+
+def last_call() -> CallStats:
+    """Stats of the most recent call of any optimized model in this process."""
+    return _LAST
+
+
+def count_compile() -> None:
+    global _compiles
+    with _lock:
+        _compiles += 1
+
+
+def compile_count() -> int:
+    """How many graphs the ``dyn`` backend has compiled in this process."""
+    return _compiles

