@@ -133,5 +133,7 @@ def inspect(model: nn.Module, example_inputs: Any, *, symbolic: bool = True) -> 
         torch._dynamo.reset()
     blocks = [b for g in graphs for b in g.blocks]
     total = sum((g.total_flops for g in graphs), sympy.Integer(0))
+    used = {str(s) for s in sympy.sympify(total).free_symbols}
+    sizes = {k: v for k, v in sizes.items() if k in used}
     return InspectReport(blocks=blocks, graphs=graphs, sizes=sizes, total_flops=total)
 
