@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import sympy
 import torch
@@ -12,8 +13,8 @@ from torch import nn
 from .config import DynConfig, validate_budget, validate_methods
 from .errors import trace_error
 from .passes.blocks import Block, evaluate
-from .passes.detect import BlockSet, detect_blocks
 from .passes.cost import bind_sizes
+from .passes.detect import BlockSet, detect_blocks
 from .runtime.module import DynModule, call_batch
 
 
@@ -97,7 +98,7 @@ def _mark_dynamic(inputs: Any) -> None:
 
 
 def inspect(model: nn.Module, example_inputs: Any, *, symbolic: bool = True) -> InspectReport:
-    """Trace ``model`` on ``example_inputs`` (a tuple of args or a dict of kwargs) and report its blocks.
+    """Trace ``model`` on ``example_inputs`` (args tuple or kwargs dict); report its blocks.
 
     Costs are sympy expressions in the batch ``B`` and sequence ``S`` sizes
     when ``symbolic`` (sizes of 1 stay constant); shares are evaluated at the

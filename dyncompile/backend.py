@@ -7,7 +7,8 @@ Registered through the ``torch_dynamo_backends`` entry point, so
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import sympy
 import torch

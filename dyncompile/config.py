@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 _COMPILERS = ("inductor", "eager")
 
@@ -79,7 +80,7 @@ class DynConfig:
             raise ValueError(f"compiler must be one of {_COMPILERS}, got {self.compiler!r}")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any] | None) -> "DynConfig":
+    def from_options(cls, options: Mapping[str, Any] | None) -> DynConfig:
         """Build from ``torch.compile(..., options={...})``; unknown keys raise ValueError."""
         options = dict(options or {})
         allowed = {"budget", "methods", "compiler", "form_options"}

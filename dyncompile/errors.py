@@ -13,11 +13,15 @@ class TraceError(RuntimeError):
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
+_RESUME = re.compile(r"^torch_dynamo_resume_in_(\w+?)_at_\d+$")
+
+
 def user_frame(exc: BaseException) -> str:
     """The innermost frame of the user's code that dynamo was tracing when it failed."""
     found = _FILE_LINE.findall(str(exc))
     for fname, line, func in reversed(found):
         if "/torch/" not in fname.replace("\\", "/"):
+            func = _RESUME.sub(r"\1", func)
             return f"{fname}:{line} in {func}"
     frames = list(getattr(exc, "real_stack", None) or [])
     if not frames:
@@ -32,6 +36,9 @@ def user_frame(exc: BaseException) -> str:
 
 def trace_error(model: object, exc: BaseException) -> TraceError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        first += f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})"
     where = user_frame(exc)
     return TraceError(
         f"dyncompile could not trace {type(model).__name__}: {type(exc).__name__}: {first}\n"

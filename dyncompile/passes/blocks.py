@@ -37,11 +37,12 @@ class Block:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def flops_at(self, sizes: dict[str, int] | None = None) -> float:
-        """FLOPs with the symbolic sizes bound (free symbols left over count as 1)."""
+        """FLOPs with the symbolic sizes bound (unbound symbols count as 1)."""
         return evaluate(self.flops, sizes)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, nodes={len(self.nodes)}, flops={self.flops})"
+        kind = type(self).__name__
+        return f"{kind}(name={self.name!r}, nodes={len(self.nodes)}, flops={self.flops})"
 
 
 @dataclass(repr=False)

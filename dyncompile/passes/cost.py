@@ -25,7 +25,7 @@ def node_flops(node: fx.Node, linears: dict[fx.Node, LinearSite]) -> sympy.Expr:
         return linears[node].flops()
     kind = op_kind(node)
     if kind == "matmul" and node.target is not torch.einsum:
-        a, b = shape_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None, None
+        a = shape_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         out = shape_of(node)
         if a and out:
             return 2 * numel_expr(out) * sym(a[-1])

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import networkx as nx
 import sympy
@@ -72,7 +73,8 @@ def _source_fqn(source_name: str) -> tuple[str, str]:
 
     Returns (kind, fqn) where kind is 'param', 'buffer' or ''.
     """
-    kind = "param" if "_parameters[" in source_name else "buffer" if "_buffers[" in source_name else ""
+    kind = ("param" if "_parameters[" in source_name
+            else "buffer" if "_buffers[" in source_name else "")
     parts = []
     body = source_name.split("]", 1)[1] if source_name.startswith("L[") else source_name
     for attr, key in _TOKEN.findall(body):

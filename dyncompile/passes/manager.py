@@ -4,47 +4,15 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from torch import fx
 
 from ..config import DynConfig
-from .detect import BlockSet, detect_blocks
+from .base import Pass, PassContext
+from .detect import detect_blocks
 from .graph_utils import op_kind
 from .normalize import expand_fused_attention
-from .rewrite import FORMS
-
-
-@dataclass
-class PassContext:
-    """What passes share while they run on one graph."""
-
-    config: DynConfig
-    example_inputs: list[Any]
-    state: Any = None
-    blocks: BlockSet | None = None
-    log: list[str] = field(default_factory=list)
-
-
-class Pass:
-    """A graph pass: ``name``, ``version`` and ``run(gm, ctx)``.
-
-    ``uuid()`` feeds Inductor's FX graph cache key, so a change of pass version
-    or options never reuses a stale compiled graph.
-    """
-
-    name: str = "pass"
-    version: str = "1"
-
-    def __init__(self, config: DynConfig) -> None:
-        self.config = config
-
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def uuid(self) -> str:
-        return f"{self.name}:{self.version}:{self.config.uuid()}"
 
 
 class NormalizePass(Pass):
@@ -94,7 +62,9 @@ class PassManager:
         self.passes = passes
 
     @classmethod
-    def from_config(cls, config: DynConfig) -> "PassManager":
+    def from_config(cls, config: DynConfig) -> PassManager:
+        from .rewrite import FORMS  # forms import Pass from .base; keep this import lazy
+
         passes: list[Pass] = [NormalizePass(config), DetectPass(config)]
         passes += [FORMS[m](config) for m in config.methods]
         return cls(passes)

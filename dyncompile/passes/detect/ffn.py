@@ -75,8 +75,8 @@ def match_ffn(down: LinearSite, by_output: dict[fx.Node, LinearSite]) -> FFNBloc
     gate = None
     if len(ups) == 2:
         gate = next((u for u in ups if _reaches_activation(u.output, region)), ups[0])
-    nodes = sorted(region | {u.node for u in ups} | {u.output for u in ups} | {down.node, down.output},
-                   key=position)
+    members = region | {u.node for u in ups} | {u.output for u in ups}
+    nodes = sorted(members | {down.node, down.output}, key=position)
     sites = ups + [down]
     weights = [WeightRef(s.weight_name, (s.out_features, s.in_features)) for s in sites]
     flops = sum((s.flops() for s in sites), 0)

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from ..blocks import ResidualBlock
-from ..graph_utils import op_kind, position, shape_of, tensor_value
+from ..graph_utils import position, shape_of, tensor_value
 from ..linears import LinearSite
 
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}

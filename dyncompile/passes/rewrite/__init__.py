@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..manager import Pass
+    from ..base import Pass
 
-FORMS: dict[str, type["Pass"]] = {}
+FORMS: dict[str, type[Pass]] = {}
 
 
-def register_form(cls: type["Pass"]) -> type["Pass"]:
+def register_form(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a form selectable by its ``name`` in ``methods=[...]``."""
     if cls.name in FORMS and FORMS[cls.name] is not cls:
         raise ValueError(f"form {cls.name!r} is already registered")

@@ -1,0 +1,1 @@
+"""Graph side: everything that reads or edits an fx.Graph."""

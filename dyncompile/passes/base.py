@@ -1,0 +1,42 @@
+"""Pass and PassContext: what every graph pass (and every form) builds on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from ..config import DynConfig
+from .detect import BlockSet
+
+
+@dataclass
+class PassContext:
+    """What passes share while they run on one graph."""
+
+    config: DynConfig
+    example_inputs: list[Any]
+    state: Any = None
+    blocks: BlockSet | None = None
+    log: list[str] = field(default_factory=list)
+
+
+class Pass:
+    """A graph pass: ``name``, ``version`` and ``run(gm, ctx)``.
+
+    ``uuid()`` feeds Inductor's FX graph cache key, so a change of pass version
+    or options never reuses a stale compiled graph.
+    """
+
+    name: str = "pass"
+    version: str = "1"
+
+    def __init__(self, config: DynConfig) -> None:
+        self.config = config
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def uuid(self) -> str:
+        return f"{self.name}:{self.version}:{self.config.uuid()}"
