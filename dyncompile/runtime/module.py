@@ -33,8 +33,9 @@ class DynModule(nn.Module):
         self.stats = _stats.CallStats(budget=config.budget)
         self._traced = False
         options: dict[str, Any] = {**_options(config), "state": self.state}
-        self._compiled = torch.compile(model, backend=dyn_backend, options=options,
-                                       dynamic=dynamic)
+        # Kept out of the module tree so state_dict() holds each weight once.
+        object.__setattr__(self, "_compiled", torch.compile(
+            model, backend=dyn_backend, options=options, dynamic=dynamic))
         try:
             self.__signature__ = inspect.signature(model.forward)
         except (TypeError, ValueError):  # pragma: no cover

@@ -19,7 +19,7 @@ from ..runtime.module import call_batch
 from ..runtime.stats import compile_count
 
 __all__ = ["assert_compute_falls", "assert_matches_dense", "assert_no_recompile",
-           "compare_outputs", "flatten_outputs"]
+           "capture_passes", "compare_outputs", "flatten_outputs"]
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -113,3 +113,33 @@ def assert_no_recompile(optimized: Callable, inputs: Any,
     if extra:
         raise AssertionError(f"{extra} graph(s) recompiled across budgets {list(budgets)}")
     return warm
+
+
+def capture_passes(model: torch.nn.Module, inputs: Any, **options: Any) -> list:
+    """Trace ``model`` and run the dyn passes on each graph, without compiling.
+
+    Returns one list of ``Snapshot`` per graph: the graph before the passes
+    (``after == "input"``) and after each pass, with its code and op counts.
+    ``options`` are the backend's (``methods=[...]``, ``form_options=...``).
+    """
+    from ..config import DynConfig
+    from ..passes.base import PassContext
+    from ..passes.manager import PassManager
+
+    config = DynConfig.from_options({"compiler": "eager", **options})
+    graphs: list = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        snaps: list = []
+        ctx = PassContext(config=config, example_inputs=list(example_inputs))
+        PassManager.from_config(config).run(gm, ctx, capture=snaps)
+        graphs.append(snaps)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            call_batch(torch.compile(model, backend=backend), inputs)
+    finally:
+        torch._dynamo.reset()
+    return graphs

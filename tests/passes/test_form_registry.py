@@ -25,7 +25,7 @@ def scale_form():
                 out = ffn.output
                 with gm.graph.inserting_after(out):
                     half = gm.graph.call_function(torch.mul, (out, 0.5))
-                out.replace_all_uses_with(half, delete_user_cb=lambda u: u is not half)
+                out.replace_all_uses_with(half, delete_user_cb=lambda u, h=half: u is not h)
             ctx.log.append(f"halved {len(ctx.blocks.ffn)} ffn outputs")
 
     yield HalveFFNOutputs

@@ -81,6 +81,12 @@ def test_budget_property_and_no_recompile():
     assert float(opt.state.tensor) == pytest.approx(0.4) and opt.stats.budget == pytest.approx(0.4)
 
 
+def test_state_dict_holds_each_weight_once():
+    model = ZOO["mlp"].build()
+    opt = dyncompile.optimize(model, compiler="eager")
+    assert sorted(opt.state_dict()) == sorted(f"model.{k}" for k in model.state_dict())
+
+
 def test_stats_report_dense_flops_of_the_call():
     entry = ZOO["mlp"]
     opt = dyncompile.optimize(entry.build(), compiler="eager")
