@@ -1,4 +1,4 @@
-"""Command line: ``dyncompile inspect [--model NAME] [--batch B] [--seq S]``."""
+"""Command line: ``dyncompile inspect [--model NAME]`` and ``dyncompile bench [--quick]``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,45 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import known_methods
+    from .eval import report
+    from .eval.registry import workload_names
+    from .eval.sweep import run_sweep, save
+
+    workloads = args.workloads.split(",") if args.workloads else workload_names()
+    for w in workloads:
+        if w not in workload_names():
+            raise SystemExit(f"unknown workload {w!r}; known: {', '.join(workload_names())}")
+    methods = args.methods.split(",") if args.methods else known_methods()
+    for m in methods:
+        if m not in known_methods():
+            known = ", ".join(known_methods()) or "none registered yet"
+            raise SystemExit(f"unknown method {m!r}; known: {known}")
+    try:
+        budgets = tuple(float(b) for b in args.budgets.split(","))
+    except ValueError:
+        raise SystemExit(f"--budgets must be numbers in (0, 1], got {args.budgets!r}") from None
+    if any(not 0 < b <= 1 for b in budgets):
+        raise SystemExit(f"--budgets must be numbers in (0, 1], got {args.budgets!r}")
+    out = Path(args.out)
+    results = run_sweep(workloads, methods, budgets, quick=args.quick,
+                        timing=not args.no_timing, repeats=args.repeats, seed=args.seed)
+    stem = "bench-quick" if args.quick else "bench"
+    path = save(results, out / f"{stem}.json")
+    images = report.plot(results, out / stem)
+    print(report.tables(results))
+    print(f"results: {path}; plots: {', '.join(str(p) for p in images)}", file=sys.stderr)
+    if args.update_md:
+        md = Path(args.update_md)
+        rel = os.path.relpath(out / stem, md.parent)
+        report.update_markdown(md, report.tables(results, image_dir=rel))
+        print(f"updated {md}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="dyncompile", description=__doc__)
@@ -44,10 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=128)
     p.set_defaults(fn=cmd_inspect)
+    b = sub.add_parser("bench", help="sweep methods x budgets x workloads against dense")
+    b.add_argument("--quick", action="store_true", help="tiny settings (CI)")
+    b.add_argument("--workloads", default="", help="comma list: minilm,classifier,lm (all)")
+    b.add_argument("--methods", default="", help="comma list of forms (all registered)")
+    b.add_argument("--budgets", default="1.0,0.75,0.5,0.3,0.2")
+    b.add_argument("--out", default="benchmarks/results")
+    b.add_argument("--repeats", type=int, default=None, help="timing repeats per point")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-timing", action="store_true")
+    b.add_argument("--update-md", default="", help="regenerate the tables in this markdown file")
+    b.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
         args = parser.parse_args(["inspect", *(argv or [])])
-    if args.batch < 1 or args.seq < 1:
+    if args.fn is cmd_inspect and (args.batch < 1 or args.seq < 1):
         parser.error("--batch and --seq must be positive")
     return args.fn(args)
 

@@ -1,0 +1,70 @@
+"""Latency as a ratio against a baseline measured in the same run.
+
+Calls are interleaved (the order rotates every repeat), each cell is a
+median, and the thread count is fixed, so load from other processes falls on
+both sides of a ratio.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def device_info() -> dict[str, Any]:
+    """CPU / GPU model, core counts, library versions and the date."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        usable = os.cpu_count() or 0
+    try:
+        import transformers
+
+        tf = transformers.__version__
+    except ImportError:  # pragma: no cover
+        tf = None
+    return {
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "transformers": tf,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 20,
+                     warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved, order rotating."""
+    names = list(fns)
+    with torch.no_grad():
+        for _ in range(warmup):
+            for n in names:
+                fns[n]()
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(repeats):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for n in order:
+                t0 = time.perf_counter()
+                fns[n]()
+                samples[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in samples.items()}

@@ -1,0 +1,78 @@
+"""The sweep, timing, plots and BENCHMARKS.md regeneration, on a synthetic workload."""
+
+import json
+
+import pytest
+import torch
+
+from dyncompile.eval import report
+from dyncompile.eval.sweep import run_sweep, save
+from dyncompile.eval.timing import time_interleaved
+from dyncompile.eval.workload import Workload
+from dyncompile.testing.zoo import PlainMLP
+
+
+class MLPWorkload(Workload):
+    name = "mlp"
+    metrics = ("cosine", "mse")
+    higher_is_better = {"cosine": True, "mse": False}
+
+    def build(self):
+        torch.manual_seed(0)
+        return PlainMLP()
+
+    def _batches(self, n):
+        g = torch.Generator().manual_seed(self.seed + n)
+        return [(torch.randn(2, 5, 32, generator=g),) for _ in range(n)]
+
+    def calibration(self):
+        return self._batches(2)
+
+    def evaluate(self, model):
+        outs = [model(*b) for b in self._batches(3)]
+        refs = [self.model(*b) for b in self._batches(3)]
+        cos = torch.cat([torch.cosine_similarity(o, r, dim=-1).flatten()
+                         for o, r in zip(outs, refs)]).mean()
+        mse = sum(float(((o - r) ** 2).mean()) for o, r in zip(outs, refs)) / len(outs)
+        return {"cosine": float(cos), "mse": mse}
+
+    def timing_inputs(self):
+        return {"1x5": (torch.randn(1, 5, 32),)}
+
+
+def test_time_interleaved_rotates_and_returns_medians():
+    calls = []
+    t = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                         repeats=4, warmup=1)
+    assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
+    assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def test_sweep_dense_reproduces_itself_and_reports(tmp_path):
+    results = run_sweep([MLPWorkload()], methods=[], budgets=(1.0, 0.5), repeats=3,
+                        progress=False)
+    (row,) = results["workloads"]["mlp"]["results"]
+    assert row["method"] == "dense" and row["metrics"] == {"cosine": pytest.approx(1.0),
+                                                           "mse": 0.0}
+    assert row["spent"] == 1.0
+    assert row["speedup"]["1x5"] > 0 and row["dense_latency_ms"]["1x5"] > 0
+    path = save(results, tmp_path / "bench.json")
+    assert json.loads(path.read_text())["meta"]["threads"] == 2
+    (png,) = report.plot(results, tmp_path / "plots")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nhand-written intro\n")
+    report.update_markdown(md, report.tables(results, image_dir="plots"))
+    report.update_markdown(md, report.tables(results, image_dir="plots"))  # idempotent
+    text = md.read_text()
+    assert text.count(report.BEGIN) == 1 and "hand-written intro" in text
+    assert "| dense | 1.0000 | 1.0000 |" in text and "![mlp](plots/mlp.png)" in text
+
+
+def test_sweep_rejects_a_dense_model_that_does_not_reproduce():
+    class Noisy(MLPWorkload):
+        def evaluate(self, model):
+            return {"cosine": float(torch.rand(())), "mse": 0.0}
+
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        run_sweep([Noisy()], methods=[], timing=False, progress=False)
