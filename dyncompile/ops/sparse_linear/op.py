@@ -1,0 +1,84 @@
+"""Registration of ``torch.ops.dyncompile.sparse_linear``.
+
+CPU: the C++ row-skipping kernel when it pays (few tokens, a sparse union of
+active channels), else one dense GEMM on the masked input; the choice is made
+per call from the actual mask. CUDA: the Triton kernel. Both report the FLOPs
+they skipped to ``dyncompile.runtime.stats``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...runtime import stats as _stats
+from .cpu import sparse_rows_gemm
+
+# Row skipping beats a dense GEMM only in the decode regime: few tokens, and
+# a union of active channels well below the full width.
+SPARSE_MAX_TOKENS = 16
+SPARSE_MAX_ACTIVE = 0.85
+
+
+@torch.library.custom_op("dyncompile::sparse_linear", mutates_args=())
+def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+                  threshold: torch.Tensor) -> torch.Tensor:
+    """``(x * (|x| >= threshold)) @ weight_t + bias``; weight_t is [in, out] (input-major)."""
+    from .reference import sparse_linear_reference
+
+    return sparse_linear_reference(x, weight_t, bias, threshold)
+
+
+@sparse_linear.register_fake
+def _(x, weight_t, bias, threshold):
+    return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+@sparse_linear.register_kernel("cpu")
+def _cpu(x, weight_t, bias, threshold):
+    n_in, n_out = weight_t.shape
+    x2 = x.reshape(-1, n_in)
+    n = x2.shape[0]
+    dense = 2.0 * n * n_in * n_out
+    thr = float(threshold)
+    if thr <= 0 or n == 0:
+        y = F.linear(x2, weight_t.t(), bias)
+        spent = dense
+    else:
+        mask = x2.abs() >= thr
+        k = int(mask.any(0).sum())
+        if n <= SPARSE_MAX_TOKENS and k <= SPARSE_MAX_ACTIVE * n_in and x.dtype == torch.float32:
+            y = sparse_rows_gemm(x2, weight_t, bias, thr)
+            spent = 2.0 * n * k * n_out
+        else:
+            y = F.linear(x2 * mask, weight_t.t(), bias)
+            spent = dense
+    _stats.record_saving(dense - spent)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
+
+
+@sparse_linear.register_kernel("cuda")
+def _cuda(x, weight_t, bias, threshold):  # pragma: no cover - needs a GPU
+    from .triton import sparse_linear_triton
+
+    return sparse_linear_triton(x, weight_t, bias, float(threshold))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_t, bias, threshold = inputs
+    ctx.save_for_backward(x, weight_t, threshold)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight_t, threshold = ctx.saved_tensors
+    mask = x.abs() >= threshold
+    kept = x * mask
+    g2 = grad.reshape(-1, grad.shape[-1])
+    grad_x = (grad @ weight_t.t()) * mask
+    grad_w = kept.reshape(-1, x.shape[-1]).t() @ g2
+    grad_b = g2.sum(0) if ctx.has_bias else None
+    return grad_x, grad_w, grad_b, None
+
+
+sparse_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,30 @@
+"""Plain-torch semantics of sparse_linear: the oracle every kernel is tested against.
+
+    y = (x * (|x| >= threshold)) @ weight_t + bias
+
+``weight_t`` is the weight in input-major layout ([in, out], the transpose of
+nn.Linear's [out, in]), so an active input channel is one contiguous row.
+A threshold of 0 keeps every channel: the dense linear.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sparse_linear_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+                            threshold: torch.Tensor | float) -> torch.Tensor:
+    thr = float(threshold)
+    kept = x * (x.abs() >= thr) if thr > 0 else x
+    y = kept.to(torch.float32) @ weight_t.to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
+
+
+def active_rows(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices of input channels that some token keeps (the union over tokens)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if threshold <= 0:
+        return torch.arange(x2.shape[1], device=x.device)
+    return (x2.abs() >= threshold).any(0).nonzero().flatten()

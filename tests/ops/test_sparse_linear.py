@@ -1,0 +1,126 @@
+"""sparse_linear: kernels equal the reference on odd shapes; opcheck; interpreter test."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dyncompile.ops.sparse_linear.op  # noqa: F401  (registers the op)
+from dyncompile.ops.sparse_linear.cpu import kernel_available, sparse_rows_gemm
+from dyncompile.ops.sparse_linear.reference import active_rows, sparse_linear_reference
+from dyncompile.runtime import stats
+
+op = torch.ops.dyncompile.sparse_linear
+
+
+def _case(tokens, n_in, n_out, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n_in, generator=g)
+    wt = torch.randn(n_in, n_out, generator=g) / n_in ** 0.5
+    b = torch.randn(n_out, generator=g) if bias else None
+    return x, wt, b
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 7, 64])
+@pytest.mark.parametrize("shape", [(37, 53), (128, 96), (300, 17)])
+@pytest.mark.parametrize("sparsity_thr", [0.0, 0.3, 1.0, 10.0])
+def test_cpu_kernel_matches_reference(tokens, shape, sparsity_thr):
+    x, wt, b = _case(tokens, *shape)
+    thr = torch.tensor(sparsity_thr)
+    ref = sparse_linear_reference(x, wt, b, thr)
+    torch.testing.assert_close(op(x, wt, b, thr), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_threshold_zero_is_the_dense_linear():
+    x, wt, b = _case(5, 40, 24)
+    torch.testing.assert_close(op(x, wt, b, torch.tensor(0.0)), F.linear(x, wt.t(), b))
+
+
+def test_leading_dims_no_bias_and_fallback_path():
+    x, wt, _ = _case(6, 33, 21, bias=False)
+    x3 = x.reshape(2, 3, 33)
+    out = op(x3, wt, None, torch.tensor(0.5))
+    assert out.shape == (2, 3, 21)
+    torch.testing.assert_close(out, sparse_linear_reference(x3, wt, None, 0.5), atol=1e-5,
+                               rtol=1e-5)
+    # every channel dropped: output is the bias
+    x, wt, b = _case(3, 10, 4)
+    torch.testing.assert_close(op(x, wt, b, torch.tensor(1e9)), b.expand(3, 4))
+
+
+def test_cpp_kernel_builds_and_matches():
+    assert kernel_available(), "C++ sparse kernel did not build (is a compiler installed?)"
+    x, wt, b = _case(3, 257, 129)
+    y = sparse_rows_gemm(x, wt, b, 0.8)
+    torch.testing.assert_close(y, sparse_linear_reference(x, wt, b, 0.8), atol=1e-5, rtol=1e-5)
+    assert len(active_rows(x, 0.8)) < 257
+
+
+def test_reports_skipped_flops():
+    x, wt, b = _case(1, 200, 50)
+    token = stats.begin_call(0.5)
+    stats.record_graph(2.0 * 200 * 50, 0.5)
+    op(x, wt, b, torch.tensor(1.0))
+    s = stats.end_call(token)
+    k = len(active_rows(x, 1.0))
+    assert s.spent_flops == pytest.approx(2.0 * k * 50)
+    assert s.fraction == pytest.approx(k / 200)
+
+
+def test_opcheck():
+    x, wt, b = _case(3, 19, 11)
+    for args in [(x, wt, b, torch.tensor(0.4)), (x.reshape(1, 3, 19), wt, None,
+                                                   torch.tensor(0.0))]:
+        torch.library.opcheck(op, args)
+    xg = x.clone().requires_grad_()
+    wg = wt.clone().requires_grad_()
+    torch.library.opcheck(op, (xg, wg, b, torch.tensor(0.4)))
+
+
+def test_compiles_without_graph_break():
+    x, wt, b = _case(2, 16, 8)
+
+    def f(x, thr):
+        return op(torch.relu(x), wt, b, thr) * 2
+
+    counter = torch._dynamo.testing.CompileCounter()
+    cf = torch.compile(f, backend=counter, fullgraph=True)
+    for t in (0.0, 0.5, 0.9):
+        torch.testing.assert_close(cf(x, torch.tensor(t)), f(x, torch.tensor(t)))
+    assert counter.frame_count == 1
+
+
+_INTERPRET = r"""
+import torch
+from dyncompile.ops.sparse_linear.triton import sparse_linear_triton
+from dyncompile.ops.sparse_linear.reference import sparse_linear_reference
+g = torch.Generator().manual_seed(0)
+for tokens, n_in, n_out, thr in [(1, 37, 19, 0.5), (2, 64, 40, 0.0), (7, 70, 33, 1.2), (3, 16, 8, 9.0)]:
+    x = torch.randn(tokens, n_in, generator=g)
+    wt = torch.randn(n_in, n_out, generator=g)
+    b = torch.randn(n_out, generator=g)
+    y = sparse_linear_triton(x, wt, b, thr, block_k=32, block_n=32)
+    ref = sparse_linear_reference(x, wt, b, thr)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (tokens, (y - ref).abs().max())
+print("ok")
+"""
+
+
+def test_triton_kernel_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_kernel_on_gpu(dtype):
+    x, wt, b = (t.cuda().to(dtype) for t in _case(7, 300, 130))
+    thr = torch.tensor(0.6)
+    ref = sparse_linear_reference(x.float(), wt.float(), b.float(), thr).to(dtype)
+    torch.testing.assert_close(op(x, wt, b, thr), ref, atol=2e-2, rtol=2e-2)
