@@ -98,7 +98,8 @@ import torch
 from dyncompile.ops.sparse_linear.triton import sparse_linear_triton
 from dyncompile.ops.sparse_linear.reference import sparse_linear_reference
 g = torch.Generator().manual_seed(0)
-for tokens, n_in, n_out, thr in [(1, 37, 19, 0.5), (2, 64, 40, 0.0), (7, 70, 33, 1.2), (3, 16, 8, 9.0)]:
+cases = [(1, 37, 19, 0.5), (2, 64, 40, 0.0), (7, 70, 33, 1.2), (3, 16, 8, 9.0)]
+for tokens, n_in, n_out, thr in cases:
     x = torch.randn(tokens, n_in, generator=g)
     wt = torch.randn(n_in, n_out, generator=g)
     b = torch.randn(n_out, generator=g)
