@@ -71,6 +71,18 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
     blocks = ctx.blocks
     cost = _DenseCost(gm, blocks.total_flops if blocks is not None else 0,
                       blocks.raw_symbols if blocks is not None else set())
+    pending = state.pending_calibration()
+    if pending and not state.calibrating:
+        log.warning("dyncompile: no calibration data for %s; calibrating on the first inputs "
+                    "seen (pass calibration=... to optimize() for better thresholds)",
+                    ", ".join(pending))
+        state.calibrating = True
+        try:
+            with torch.no_grad():
+                gm(*example_inputs)
+        finally:
+            state.calibrating = False
+        state.finalize_calibration()
     if config.compiler == "eager":
         compiled = gm.forward
     else:
@@ -79,10 +91,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
         compiled = compile_fx(gm, example_inputs)
     _stats.count_compile()
 
+    deferred = list(ctx.after_first_call)
+
     def run(*args: Any) -> Any:
         value = state.sync()
         _stats.record_graph(cost(args), value)
-        return compiled(*args)
+        out = compiled(*args)
+        if deferred:
+            for fn in deferred:
+                fn()
+            deferred.clear()
+        return out
 
     run._dyn_blocks = blocks  # type: ignore[attr-defined]
     return run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,9 @@ class PassContext:
     state: Any = None
     blocks: BlockSet | None = None
     log: list[str] = field(default_factory=list)
+    # Run once after the compiled graph's first call (e.g. weight layout changes: doing
+    # them while dynamo is still checking this frame's guards would fail them).
+    after_first_call: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Pass:

@@ -75,6 +75,7 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext,
             capture: list[Snapshot] | None = None) -> fx.GraphModule:
+        gm.meta["dyn_state"] = ctx.state  # ops look the state up by id: keep it alive
         if capture is not None:
             capture.append(Snapshot("input", gm.code, op_counts(gm)))
         for p in self.passes:

@@ -8,7 +8,10 @@ a per-thread / per-task override through a context variable.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import threading
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,10 +59,44 @@ class BudgetState:
     def __init__(self, default: float = 1.0) -> None:
         self.default = validate_budget(default)
         self.tensor = torch.full((), self.default, dtype=torch.float32)
+        self.value = self.default
         self.lock = threading.RLock()
+        self.calibrating = False
+        self.forms: dict[str, Any] = {}
+        self.id = next(_ids)
+        _STATES[self.id] = self
+
+    def pending_calibration(self) -> list[str]:
+        """Forms whose runtime data still needs calibration."""
+        return [n for n, rt in self.forms.items() if not getattr(rt, "calibrated", True)]
+
+    def finalize_calibration(self) -> None:
+        """Turn the samples gathered while calibrating into each form's tables."""
+        for rt in self.forms.values():
+            if hasattr(rt, "finalize"):
+                rt.finalize()
+
+    def form(self, name: str, factory: Callable[[], Any]) -> Any:
+        """The runtime data of one form (thresholds, routers...), created on first use."""
+        if name not in self.forms:
+            self.forms[name] = factory()
+        return self.forms[name]
 
     def sync(self) -> float:
         value = current_budget(self.default)
-        if float(self.tensor) != value:
+        if self.value != value:
             self.tensor.fill_(value)
+            self.value = value
         return value
+
+
+_ids = itertools.count()
+_STATES: weakref.WeakValueDictionary[int, BudgetState] = weakref.WeakValueDictionary()
+
+
+def get_state(state_id: int) -> BudgetState:
+    """The BudgetState with this id (ops receive the id as a graph constant)."""
+    try:
+        return _STATES[state_id]
+    except KeyError:
+        raise RuntimeError(f"dyncompile: budget state {state_id} no longer exists") from None

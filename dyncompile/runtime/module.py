@@ -71,11 +71,21 @@ class DynModule(nn.Module):
         self._traced = True
         return out
 
-    def calibrate(self, batches: Iterable[Any]) -> None:
-        """Run calibration batches (dicts of kwargs, tuples of args, or tensors)."""
-        for batch in batches:
-            with torch.no_grad():
-                call_batch(self, batch)
+    def calibrate(self, batches: Iterable[Any], progress: bool = True) -> None:
+        """Run calibration batches (dicts of kwargs, tuples of args, or tensors) through the
+        compiled graphs; the forms' ops record what they need, then fit their tables."""
+        from tqdm.auto import tqdm
+
+        batches = list(batches)
+        self.state.calibrating = True
+        try:
+            for batch in tqdm(batches, desc="calibrating", disable=not progress or
+                              len(batches) < 2 or not self.config.methods, leave=False):
+                with torch.no_grad():
+                    call_batch(self, batch)
+        finally:
+            self.state.calibrating = False
+        self.state.finalize_calibration()
 
 
 def call_batch(fn: Any, batch: Any) -> Any:

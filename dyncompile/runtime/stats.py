@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -15,11 +15,17 @@ class CallStats:
     spent_flops: float = 0.0
     budget: float = 1.0
     graphs: int = 0
+    counters: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def fraction(self) -> float:
         """Spent / dense FLOPs (1.0 when nothing was skipped)."""
         return self.spent_flops / self.dense_flops if self.dense_flops else 1.0
+
+    def ratio(self, name: str) -> float | None:
+        """A ratio the forms' ops reported (e.g. "active_channels"), or None."""
+        num_den = self.counters.get(name)
+        return num_den[0] / num_den[1] if num_den and num_den[1] else None
 
     def __repr__(self) -> str:
         return (f"CallStats(budget={self.budget:.3f}, spent={self.fraction:.3f} of "
@@ -64,6 +70,15 @@ def record_saving(flops: float) -> None:
     stats = _CURRENT.get()
     target = stats if stats is not None else _LAST
     target.spent_flops -= flops
+
+
+def record_ratio(name: str, num: float, den: float) -> None:
+    """Called by a form's op: accumulate a ratio for this call (``CallStats.ratio(name)``)."""
+    stats = _CURRENT.get()
+    target = stats if stats is not None else _LAST
+    pair = target.counters.setdefault(name, [0.0, 0.0])
+    pair[0] += num
+    pair[1] += den
 
 
 def last_call() -> CallStats:

@@ -125,13 +125,15 @@ def capture_passes(model: torch.nn.Module, inputs: Any, **options: Any) -> list:
     from ..config import DynConfig
     from ..passes.base import PassContext
     from ..passes.manager import PassManager
+    from ..runtime.budget import BudgetState
 
     config = DynConfig.from_options({"compiler": "eager", **options})
     graphs: list = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         snaps: list = []
-        ctx = PassContext(config=config, example_inputs=list(example_inputs))
+        ctx = PassContext(config=config, example_inputs=list(example_inputs),
+                          state=BudgetState(config.budget))
         PassManager.from_config(config).run(gm, ctx, capture=snaps)
         graphs.append(snaps)
         return gm.forward

@@ -44,8 +44,10 @@ def _cpu(x, weight_t, bias, threshold):
     if thr <= 0 or n == 0:
         y = F.linear(x2, weight_t.t(), bias)
         spent = dense
+        _stats.record_ratio("active_channels", n * n_in, n * n_in)
     else:
         mask = x2.abs() >= thr
+        _stats.record_ratio("active_channels", float(mask.sum()), n * n_in)
         k = int(mask.any(0).sum())
         if n <= SPARSE_MAX_TOKENS and k <= SPARSE_MAX_ACTIVE * n_in and x.dtype == torch.float32:
             y = sparse_rows_gemm(x2, weight_t, bias, thr)
@@ -61,7 +63,15 @@ def _cpu(x, weight_t, bias, threshold):
 def _cuda(x, weight_t, bias, threshold):  # pragma: no cover - needs a GPU
     from .triton import sparse_linear_triton
 
-    return sparse_linear_triton(x, weight_t, bias, float(threshold))
+    thr = float(threshold)
+    n_in, n_out = weight_t.shape
+    n = x.numel() // n_in
+    if thr > 0:
+        kept = (x.abs() >= thr).sum()
+        # Reading the count back syncs once per call: the price of honest stats on GPU.
+        _stats.record_saving(2.0 * n * n_out * (n_in - float(kept)))
+        _stats.record_ratio("active_channels", float(kept), n * n_in)
+    return sparse_linear_triton(x, weight_t, bias, thr)
 
 
 def _setup_context(ctx, inputs, output):

@@ -21,3 +21,6 @@ def register_form(cls: type[Pass]) -> type[Pass]:
         raise ValueError(f"form {cls.name!r} is already registered")
     FORMS[cls.name] = cls
     return cls
+
+
+from . import gated  # noqa: E402,F401  (registers the form)

@@ -1,0 +1,1 @@
+"""``dyncompile::gate_threshold``: the magnitude threshold of one gated site under the budget."""

@@ -1,0 +1,124 @@
+"""Form ``gated``: the rewrite (ops counted), budget 1.0 = dense, sparsity tracks the budget."""
+
+import logging
+
+import pytest
+import torch
+
+import dyncompile
+from dyncompile.testing import (
+    assert_compute_falls,
+    assert_matches_dense,
+    assert_no_recompile,
+    capture_passes,
+)
+from dyncompile.testing.zoo import ZOO
+
+SPARSE = "dyncompile.sparse_linear.default"
+THRESH = "dyncompile.gate_threshold.default"
+
+
+@pytest.mark.parametrize("name,linears", [("llama", 14), ("gpt2", 8), ("bert", 12),
+                                          ("prenorm", 8)])
+def test_rewrite_replaces_every_block_linear(name, linears):
+    entry = ZOO[name]
+    (snaps,) = capture_passes(entry.build(), entry.inputs(1, 4), methods=["gated"])
+    before, after = snaps[-2].op_counts, snaps[-1].op_counts
+    assert snaps[-1].after == "gated"
+    assert before[SPARSE] == 0 and after[SPARSE] == linears and after[THRESH] == linears
+    block_linears = before["linear"] + before["addmm"]
+    remaining = after["linear"] + after["addmm"]
+    assert block_linears - remaining == linears  # only the head (if any) stays dense
+
+
+def _optimized(name, **kw):
+    entry = ZOO[name]
+    model = entry.build()
+    cal = [entry.inputs(4, 8) for _ in range(2)]
+    return entry, model, dyncompile.optimize(model, methods=["gated"], calibration=cal,
+                                             compiler="eager", **kw)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_budget_one_is_dense_and_no_recompile(name):
+    entry, model, opt = _optimized(name)
+    inputs = entry.inputs(2, 8)
+    assert assert_matches_dense(model, opt, inputs, atol=1e-5) < 1e-5
+    assert_no_recompile(opt, inputs)
+
+
+def test_sparsity_tracks_the_budget():
+    entry, model, opt = _optimized("llama")
+    inputs = entry.inputs(2, 8)
+    for b in (1.0, 0.75, 0.5, 0.25):
+        with torch.no_grad(), dyncompile.budget(b):
+            opt(**inputs)
+        active = opt.stats.ratio("active_channels")
+        assert active == pytest.approx(b, abs=0.12), (b, active)
+
+
+def test_compute_falls_in_the_decode_regime():
+    entry, model, opt = _optimized("llama")
+    fractions = assert_compute_falls(opt, entry.inputs(1, 1), budgets=(1.0, 0.75, 0.5, 0.25))
+    assert fractions[0] == 1.0 and fractions[-1] < 0.75
+
+
+def test_quality_degrades_gracefully():
+    entry, model, opt = _optimized("bert")
+    inputs = entry.inputs(2, 8)
+    with torch.no_grad():
+        ref = model(**inputs).last_hidden_state
+        errs = []
+        for b in (0.9, 0.5, 0.2):
+            with dyncompile.budget(b):
+                out = opt(**inputs).last_hidden_state
+            errs.append(float((out - ref).norm() / ref.norm()))
+    assert 0 < errs[0] < errs[1] < errs[2]
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_plain_torch_compile_calibrates_on_first_inputs():
+    entry = ZOO["mlp"]
+    model = entry.build()
+    x = entry.inputs(2, 6)
+    c = torch.compile(model, backend="dyn", options={"methods": ["gated"], "budget": 0.5,
+                                                     "compiler": "eager"})
+    records = _Records()
+    logging.getLogger("dyncompile").addHandler(records)
+    try:
+        with torch.no_grad():
+            out = c(*x)
+    finally:
+        logging.getLogger("dyncompile").removeHandler(records)
+    assert any("calibrating on the first inputs" in m for m in records.messages)
+    with torch.no_grad():
+        ref = model(*x)
+    assert not torch.allclose(out, ref)   # budget 0.5 really drops channels
+    with torch.no_grad(), dyncompile.budget(1.0):
+        torch.testing.assert_close(c(*x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_become_input_major_without_changing_values():
+    entry, model, opt = _optimized("mlp")
+    w = model.fc1.weight
+    assert w.stride() == (1, w.shape[0])
+    ref = ZOO["mlp"].build().fc1.weight
+    torch.testing.assert_close(w, ref)
+
+
+@pytest.mark.slow
+def test_gated_under_inductor_matches_dense():
+    entry, model, _ = _optimized("gpt2")
+    cal = [entry.inputs(4, 8)]
+    opt = dyncompile.optimize(model, methods=["gated"], calibration=cal)
+    inputs = entry.inputs(1, 8)
+    assert_matches_dense(model, opt, inputs, atol=1e-5)
+    assert_no_recompile(opt, inputs, budgets=(0.9, 0.7, 0.5, 0.3, 0.2))
