@@ -14,8 +14,8 @@ import torch
 def interpolate(levels: torch.Tensor, values: torch.Tensor, at: float) -> float:
     """Piecewise-linear interpolation of values(levels) at ``at`` (clamped)."""
     at = min(max(at, float(levels[0])), float(levels[-1]))
-    hi = int(torch.searchsorted(levels, torch.tensor(at, dtype=levels.dtype)).clamp(1,
-                                                                                    len(levels) - 1))
+    pos = torch.searchsorted(levels, torch.tensor(at, dtype=levels.dtype))
+    hi = int(pos.clamp(1, len(levels) - 1))
     lo = hi - 1
     span = float(levels[hi] - levels[lo])
     w = (at - float(levels[lo])) / span if span > 0 else 0.0
