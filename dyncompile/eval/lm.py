@@ -259,9 +259,11 @@ class TrainSpec:
     clip: float = 1.0
 
 
-# 800 steps of 32x128 took ~0.62 s each on 2 idle cores (~8.5 min; ~3.3M tokens, about
-# 1.7 passes over the data). The count is fixed: a busy machine trains longer, not less.
-FULL_SPEC = TrainSpec(steps=800, batch=32, seq=128, lr=2e-3, warmup=50)
+# One step of 32x128 took ~0.62 s on 2 idle cores and ~1.3 s with another job on them
+# (with GOMP_SPINCOUNT=0, which benchmarks/train_lm.py sets; spinning OpenMP threads
+# made it 2-6 s). 600 steps: ~6.5 min idle, ~13 min shared; 2.5M tokens, about 1.3
+# passes over the data. The count is fixed: a busy machine trains longer, not less.
+FULL_SPEC = TrainSpec(steps=600, batch=32, seq=128, lr=2e-3, warmup=50)
 QUICK_SPEC = TrainSpec(steps=30, batch=8, seq=32, lr=3e-3, warmup=5)
 
 

@@ -17,7 +17,9 @@ def _fmt(x: Any) -> str:
 
 
 def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    """One PNG per workload: cost-quality (left) and cost-speed (right)."""
+    """One PNG per workload: budget vs quality (left) and budget vs speedup (right).
+
+    The tables give, per point, the compute fraction the runtime really spent."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,12 +32,12 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         dense = next(r for r in rows if r["method"] == "dense")
         fig, (ax_q, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
         ax_q.axhline(dense["metrics"][metric], color="gray", ls="--", lw=1, label="dense")
-        ax_q.plot([dense["spent"]], [dense["metrics"][metric]], "k*", ms=10)
+        ax_q.plot([1.0], [dense["metrics"][metric]], "k*", ms=10)
         ax_s.axhline(1.0, color="gray", ls="--", lw=1, label="dense (same run)")
         methods = sorted({r["method"] for r in rows} - {"dense"})
         for m in methods:
             pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget"])
-            ax_q.plot([r["spent"] for r in pts], [r["metrics"][metric] for r in pts], "o-",
+            ax_q.plot([r["budget"] for r in pts], [r["metrics"][metric] for r in pts], "o-",
                       label=m)
             for shape in pts[0]["speedup"]:
                 ax_s.plot([r["budget"] for r in pts], [r["speedup"][shape] for r in pts], "o-",
@@ -43,7 +45,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         if not methods:
             for shape, s in dense["speedup"].items():
                 ax_s.plot([1.0], [s], "o", label=f"dyn, no form, {shape}")
-        ax_q.set_xlabel("compute spent (fraction of dense FLOPs)")
+        ax_q.set_xlabel("budget (requested fraction of dense FLOPs)")
         ax_q.set_ylabel(metric)
         ax_q.set_title(f"{name}: cost vs quality")
         ax_s.set_xlabel("budget")
@@ -76,7 +78,8 @@ def tables(results: dict[str, Any], image_dir: str | None = None) -> str:
     for name, w in results["workloads"].items():
         rows = w["results"]
         shapes = list(rows[0]["speedup"]) if rows and rows[0]["speedup"] else []
-        head = ["method", "budget", "spent", *w["metrics"],
+        ratios = sorted({k for r in rows for k in r.get("ratios", {})})
+        head = ["method", "budget", "spent", *ratios, *w["metrics"],
                 *[f"ms {s}" for s in shapes], *[f"speedup {s}" for s in shapes]]
         lines.append(f"### {name}")
         lines.append("")
@@ -89,6 +92,7 @@ def tables(results: dict[str, Any], image_dir: str | None = None) -> str:
         lines.append("|" + "|".join("---" for _ in head) + "|")
         for r in rows:
             cells = [r["method"], _fmt(r["budget"]), _fmt(r["spent"]),
+                     *[_fmt(r.get("ratios", {}).get(k, 1.0)) for k in ratios],
                      *[_fmt(r["metrics"][m]) for m in w["metrics"]],
                      *[_fmt(r["latency_ms"][s]) for s in shapes],
                      *[_fmt(r["speedup"][s]) for s in shapes]]

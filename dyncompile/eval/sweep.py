@@ -31,6 +31,7 @@ class Result:
     budget: float
     metrics: dict[str, float]
     spent: float                       # mean compute fraction the runtime reported
+    ratios: dict[str, float] = field(default_factory=dict)  # forms' ratios, e.g. active_channels
     latency_ms: dict[str, float] = field(default_factory=dict)       # shape -> ms
     dense_latency_ms: dict[str, float] = field(default_factory=dict)  # same run
     speedup: dict[str, float] = field(default_factory=dict)          # dense / this
@@ -42,13 +43,22 @@ class _Recorder:
     def __init__(self, opt: Any) -> None:
         self.opt = opt
         self.fractions: list[float] = []
+        self.counters: dict[str, list[float]] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.opt(*args, **kwargs)
         stats = getattr(self.opt, "stats", None)
         if stats is not None:
             self.fractions.append(stats.fraction)
+            for k, (num, den) in stats.counters.items():
+                acc = self.counters.setdefault(k, [0.0, 0.0])
+                acc[0] += num
+                acc[1] += den
         return out
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        return {k: n / d for k, (n, d) in self.counters.items() if d}
 
     @property
     def spent(self) -> float:
@@ -108,7 +118,8 @@ def run_sweep(workloads: list[str | Workload], methods: list[str], budgets: tupl
             w.evaluate(plain)
         lat, dlat, speed = (_timing(w, dense_compiled, plain, repeats, warmup)
                             if timing else ({}, {}, {}))
-        results.append(Result(name, "dense", 1.0, ref, plain.spent, lat, dlat, speed))
+        results.append(Result(name, "dense", 1.0, ref, plain.spent, plain.ratios, lat, dlat,
+                              speed))
         bar.update(1)
         for method in methods:
             opt = optimize(dense, methods=[method], calibration=w.calibration())
@@ -119,7 +130,8 @@ def run_sweep(workloads: list[str | Workload], methods: list[str], budgets: tupl
                     metrics = w.evaluate(rec)
                     lat, dlat, speed = (_timing(w, dense_compiled, opt, repeats, warmup)
                                         if timing else ({}, {}, {}))
-                results.append(Result(name, method, b, metrics, rec.spent, lat, dlat, speed))
+                results.append(Result(name, method, b, metrics, rec.spent, rec.ratios, lat, dlat,
+                                      speed))
                 bar.update(1)
         out["workloads"][name] = {
             "info": w.info(),
