@@ -1,16 +1,19 @@
 """The call-time budget: set it three ways, read the stats, and never recompile.
 
-    .venv/bin/python examples/budget_runtime.py
+    HF_HUB_OFFLINE=1 .venv/bin/python examples/budget_runtime.py
 
 Uses a tiny hand-written pre-norm transformer from ``dyncompile.testing.zoo``
 and ``compiler="eager"`` (the rewritten graph runs without Inductor), so it
 takes a few seconds on a CPU.
 
-No adaptive form is implemented yet (``dyncompile.known_methods()`` is empty),
-so every call still spends the dense FLOPs: ``stats.fraction`` stays 1.0. What
-this shows is the runtime the forms will plug into: the budget is runtime
-state, read by the compiled graph on every call, and changing it compiles
-nothing.
+It passes no ``methods``, so no form rewrites the graph and every call spends
+the dense FLOPs: ``stats.fraction`` stays 1.0. What this shows is the runtime
+every form plugs into: the budget is runtime state (the model's
+``BudgetState``), synced before every compiled-graph call and read there by the
+forms' ops, which get the state's id as a graph constant; no budget value is
+ever baked into a graph, so changing it compiles nothing. For a form that
+really skips work as the budget falls, see ``examples/gated_decode.py``
+(``methods=["gated"]``).
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ def main() -> None:
     model = entry.build()
     x = entry.inputs(2, 16)  # a tuple of positional args: one (B=2, S=16, D=32) tensor
 
-    print("registered forms:", dyncompile.known_methods() or "none yet")
+    print("registered forms:", dyncompile.known_methods(), "(none used here: methods=[])")
 
-    # Trace + compile once, on the calibration batch.
+    # Trace + compile once, on the calibration batch (no form, so nothing to calibrate).
     before = dyncompile.compile_count()
     opt = dyncompile.optimize(model, budget=0.5, compiler="eager", calibration=[x])
     compiled = dyncompile.compile_count() - before
