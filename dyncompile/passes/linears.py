@@ -13,7 +13,6 @@ import sympy
 from torch import fx
 
 from .graph_utils import (
-    is_param,
     is_weight_like,
     numel_expr,
     op_kind,
@@ -111,7 +110,7 @@ def match_linear(node: fx.Node) -> LinearSite | None:
         wshape = shape_of(w)
         if wshape is None or len(wshape) != 2:
             return None
-        layout = "out_in" if op_kind(w) == "transpose" and not is_param(w) else "in_out"
+        layout = "in_out"  # x @ w: the weight operand is [in, out] (maybe a view of W.t())
         fin, fout = (wshape[0], wshape[1])
         out, bias = node, None
         users = list(node.users)

@@ -122,3 +122,26 @@ def test_gated_under_inductor_matches_dense():
     inputs = entry.inputs(1, 8)
     assert_matches_dense(model, opt, inputs, atol=1e-5)
     assert_no_recompile(opt, inputs, budgets=(0.9, 0.7, 0.5, 0.3, 0.2))
+
+
+class _Handwritten(torch.nn.Module):
+    """Linears written as matmuls: x @ W + b and x @ W.t() (square weights)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w1 = torch.nn.Parameter(torch.randn(16, 16) / 4)
+        self.b1 = torch.nn.Parameter(torch.randn(16))
+        self.w2 = torch.nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x):
+        return torch.relu(x @ self.w1 + self.b1) @ self.w2.t()
+
+
+def test_matmul_written_linears_keep_dense_semantics():
+    model = _Handwritten().eval()
+    x = torch.randn(2, 3, 16)
+    (snaps,) = capture_passes(model, (x,), methods=["gated"])
+    assert snaps[-1].op_counts[SPARSE] == 2 and snaps[-1].op_counts["matmul"] == 0
+    opt = dyncompile.optimize(model, methods=["gated"], calibration=[(x,)], compiler="eager")
+    assert assert_matches_dense(model, opt, (x,), atol=1e-5) < 1e-5

@@ -26,7 +26,7 @@ from ...ops.gate_threshold.reference import interpolate
 from ...ops.sparse_linear import op as _sparse_op  # noqa: F401  (registers the op)
 from ...runtime.calibration import MagnitudeSample
 from ..base import Pass, PassContext
-from ..graph_utils import is_param, placeholder_info
+from ..graph_utils import is_param, op_kind, placeholder_info
 from ..linears import LinearSite
 from . import register_form
 
@@ -102,8 +102,9 @@ class GatedForm(Pass):
     @staticmethod
     def _rewrite(gm: fx.GraphModule, site: LinearSite, state_id: int) -> None:
         g = gm.graph
-        replace = site.output if (site.node.target in (torch.matmul,) and site.bias is not None
-                                  and site.output is not site.node) else site.node
+        # x @ W + b: the add carries the bias, which sparse_linear takes over.
+        replace = (site.output if op_kind(site.node) == "matmul" and site.output is not site.node
+                   else site.node)
         with g.inserting_before(replace):
             wt = (g.call_function(torch.t, (site.weight,)) if site.layout == "out_in"
                   else site.weight)
