@@ -1,6 +1,6 @@
 """A small byte-level causal LM, trained by the project's own script, and its workload.
 
-Model: ``transformers.LlamaForCausalLM`` (GLU FFN, RoPE, RMSNorm) built from a
+Model: a Llama-style causal LM from ``transformers`` (GLU FFN, RoPE, RMSNorm) built from a
 ``LlamaConfig`` in code: hidden 256, 4 layers, 4 heads, intermediate 688, tied
 embeddings, about 3.2M parameters (``quick=True``: a 2-layer, hidden-32 toy).
 
@@ -340,7 +340,7 @@ def _train(seed: int = 0, quick: bool = False, minutes: float = 12.0,
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = transformers.LlamaForCausalLM(lm_config(quick)).float()
+            model = transformers.AutoModelForCausalLM.from_config(lm_config(quick)).float()
         model.train()
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -427,7 +427,7 @@ def load_lm(seed: int = 0, quick: bool = False, train_if_missing: bool = True,
         if not train_if_missing:
             raise FileNotFoundError(f"no cached LM at {path}; run benchmarks/train_lm.py")
         path = train_lm(seed=seed, quick=quick, cache_dir=cache_dir, progress=progress)
-    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
 
 

@@ -93,7 +93,7 @@ def embed(model_callable: Callable[..., Any], tokenizer: Any, texts: Sequence[st
           batch_size: int = 32) -> torch.Tensor:
     """Sentence embeddings ``[N, 384]`` (float32, L2-normalized) of ``texts``.
 
-    ``model_callable`` is called like the Hugging Face ``BertModel`` (keyword
+    ``model_callable`` is called like the Hugging Face BERT encoder (keyword
     ``input_ids``, ``attention_mask`` and ``token_type_ids`` when the tokenizer
     produces them); it may be a dyncompile ``DynModule`` wrapping the model.
     """
@@ -214,7 +214,7 @@ class EmbeddingWorkload(_MiniLMWorkload):
         self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def build(self) -> nn.Module:
-        """The real MiniLM ``BertModel``."""
+        """The real MiniLM encoder (BERT, 6 layers)."""
         from ..testing import zoo
 
         return zoo.load_minilm()
