@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,6 +14,8 @@ from ..config import DynConfig, validate_budget
 from ..errors import trace_error
 from . import stats as _stats
 from .budget import BudgetState
+
+log = logging.getLogger("dyncompile")
 
 
 class DynModule(nn.Module):
@@ -32,6 +35,7 @@ class DynModule(nn.Module):
         self.state = BudgetState(config.budget)
         self.stats = _stats.CallStats(budget=config.budget)
         self._traced = False
+        self._warned_eager = False
         options: dict[str, Any] = {**_options(config), "state": self.state}
         # Kept out of the module tree so state_dict() holds each weight once.
         object.__setattr__(self, "_compiled", torch.compile(
@@ -57,6 +61,12 @@ class DynModule(nn.Module):
                 out = self._call(*args, **kwargs)
             finally:
                 self.stats = _stats.end_call(token)
+            if self.stats.graphs == 0 and not self._warned_eager:
+                self._warned_eager = True
+                log.warning(
+                    "dyncompile: a call of %s ran no compiled graph: dynamo fell back to eager "
+                    "(recompile limit reached? see torch._dynamo.config.recompile_limit); "
+                    "forms are not applied to such calls", type(self.model).__name__)
             return out
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
