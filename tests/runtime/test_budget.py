@@ -114,3 +114,27 @@ def test_python_float_budget_would_recompile_and_the_helper_catches_it():
     compiled = torch.compile(FloatBudget(), backend=dyn_backend, options={"compiler": "eager"})
     with pytest.raises(AssertionError, match="recompiled"):
         assert_no_recompile(compiled, (torch.randn(1, 3, 32),))
+
+
+def test_warns_when_dynamo_falls_back_to_eager(monkeypatch):
+    import logging
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    messages = []
+
+    class H(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = H()
+    logging.getLogger("dyncompile").addHandler(handler)
+    try:
+        entry = ZOO["mlp"]
+        opt = dyncompile.optimize(entry.build(), compiler="eager")
+        with torch.no_grad():
+            opt(*entry.inputs(2, 5))
+            opt(torch.randn(10, 32))  # new rank: a recompile, over the limit
+    finally:
+        logging.getLogger("dyncompile").removeHandler(handler)
+    assert opt.stats.graphs == 0
+    assert any("ran no compiled graph" in m for m in messages)
