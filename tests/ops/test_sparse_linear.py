@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import dyncompile.ops.sparse_linear.op  # noqa: F401  (registers the op)
-from dyncompile.ops.sparse_linear.cpu import kernel_available, sparse_rows_gemm
+from dyncompile.ops.sparse_linear.cpu import kernel_available, sparse_linear_cpu
 from dyncompile.ops.sparse_linear.reference import active_rows, sparse_linear_reference
 from dyncompile.runtime import stats
 
@@ -54,9 +54,19 @@ def test_leading_dims_no_bias_and_fallback_path():
 def test_cpp_kernel_builds_and_matches():
     assert kernel_available(), "C++ sparse kernel did not build (is a compiler installed?)"
     x, wt, b = _case(3, 257, 129)
-    y = sparse_rows_gemm(x, wt, b, 0.8)
+    y, k, pairs, skipped = sparse_linear_cpu(x, wt, b, 0.8, 16, 0.85)
     torch.testing.assert_close(y, sparse_linear_reference(x, wt, b, 0.8), atol=1e-5, rtol=1e-5)
-    assert len(active_rows(x, 0.8)) < 257
+    assert skipped and k == len(active_rows(x, 0.8)) < 257
+    assert pairs == int((x.abs() >= 0.8).sum())
+    # too many tokens: the dense GEMM on the masked input, same result
+    x, wt, b = _case(40, 65, 33)
+    y, k, pairs, skipped = sparse_linear_cpu(x, wt, b, 0.5, 16, 0.85)
+    assert not skipped
+    torch.testing.assert_close(y, sparse_linear_reference(x, wt, b, 0.5), atol=1e-5, rtol=1e-5)
+    # a non-contiguous weight view is accepted (dense path)
+    y, *_ = sparse_linear_cpu(x[:2], wt.t().contiguous().t(), b, 0.5, 16, 0.85)
+    torch.testing.assert_close(y, sparse_linear_reference(x[:2], wt, b, 0.5), atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_reports_skipped_flops():

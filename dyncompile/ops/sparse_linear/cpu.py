@@ -19,56 +19,81 @@ log = logging.getLogger("dyncompile")
 
 _SOURCE = r"""
 #include <torch/extension.h>
-#include <vector>
+#include <omp.h>
 #include <cmath>
+#include <tuple>
+#include <vector>
 
-torch::Tensor sparse_rows_gemm(torch::Tensor x, torch::Tensor wt, torch::Tensor bias,
-                               double threshold) {
+// y[n, out] = (x * (|x| >= thr)) @ wt + bias, wt input-major [in, out].
+// Returns (y, union of active channels, active (token, channel) pairs, sparse path taken).
+std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
+    torch::Tensor x, torch::Tensor wt, torch::Tensor bias, double threshold,
+    int64_t max_tokens, double max_active) {
   TORCH_CHECK(x.dim() == 2 && wt.dim() == 2 && x.size(1) == wt.size(0));
   TORCH_CHECK(x.scalar_type() == at::kFloat && wt.scalar_type() == at::kFloat);
   x = x.contiguous();
-  wt = wt.contiguous();
   const int64_t n = x.size(0), in = x.size(1), out = wt.size(1);
+  const bool has_bias = bias.defined() && bias.numel() == out;
   const float thr = static_cast<float>(threshold);
   const float* xp = x.data_ptr<float>();
-  const float* wp = wt.data_ptr<float>();
+  std::vector<uint8_t> on(static_cast<size_t>(in), 0);
+  int64_t pairs = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = xp + t * in;
+    for (int64_t i = 0; i < in; ++i) {
+      const bool a = std::fabs(row[i]) >= thr;
+      pairs += a;
+      on[i] |= a;
+    }
+  }
   std::vector<int64_t> idx;
   idx.reserve(in);
-  for (int64_t i = 0; i < in; ++i) {
-    for (int64_t t = 0; t < n; ++t) {
-      if (std::fabs(xp[t * in + i]) >= thr) { idx.push_back(i); break; }
-    }
-  }
+  for (int64_t i = 0; i < in; ++i) if (on[i]) idx.push_back(i);
   const int64_t k = static_cast<int64_t>(idx.size());
-  std::vector<float> coef(static_cast<size_t>(k * n));
-  for (int64_t a = 0; a < k; ++a) {
-    for (int64_t t = 0; t < n; ++t) {
-      float v = xp[t * in + idx[a]];
-      coef[a * n + t] = std::fabs(v) >= thr ? v : 0.0f;
-    }
+  if (n > max_tokens || k > max_active * in || !wt.is_contiguous()) {
+    auto kept = thr > 0 ? x * (x.abs() >= thr) : x;
+    auto y = has_bias ? at::linear(kept, wt.t(), bias) : at::linear(kept, wt.t());
+    return std::make_tuple(y, k, pairs, false);
   }
-  auto y = bias.defined() && bias.numel() == out
-      ? bias.to(at::kFloat).reshape({1, out}).expand({n, out}).clone(at::MemoryFormat::Contiguous)
-      : torch::zeros({n, out}, x.options());
-  float* yp = y.data_ptr<float>();
-  const int64_t block = 256;
-  const int64_t nblocks = (out + block - 1) / block;
-  #pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t c0 = b * block;
-    const int64_t c1 = std::min(out, c0 + block);
-    for (int64_t a = 0; a < k; ++a) {
-      const float* wrow = wp + idx[a] * out;
+  const float* wp = wt.data_ptr<float>();
+  std::vector<float> coef(static_cast<size_t>(k * n));
+  for (int64_t r = 0; r < k; ++r)
+    for (int64_t t = 0; t < n; ++t) {
+      const float v = xp[t * in + idx[r]];
+      coef[r * n + t] = std::fabs(v) >= thr ? v : 0.0f;
+    }
+  const int threads = std::max(1, std::min<int>(omp_get_max_threads(),
+                                                 static_cast<int>((k + 63) / 64)));
+  std::vector<float> acc(static_cast<size_t>(threads) * n * out, 0.0f);
+  // Each thread accumulates its share of the active rows into a private buffer:
+  // every weight row is read once and no output column block is left idle.
+  #pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num();
+    const int64_t r0 = k * tid / threads, r1 = k * (tid + 1) / threads;
+    float* a = acc.data() + static_cast<size_t>(tid) * n * out;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* w = wp + idx[r] * out;
       for (int64_t t = 0; t < n; ++t) {
-        const float c = coef[a * n + t];
+        const float c = coef[r * n + t];
         if (c == 0.0f) continue;
-        float* yrow = yp + t * out;
+        float* at_row = a + t * out;
         #pragma omp simd
-        for (int64_t j = c0; j < c1; ++j) yrow[j] += c * wrow[j];
+        for (int64_t j = 0; j < out; ++j) at_row[j] += c * w[j];
       }
     }
   }
-  return y;
+  auto y = torch::empty({n, out}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* bp = has_bias ? bias.contiguous().to(at::kFloat).data_ptr<float>() : nullptr;
+  const int64_t total = n * out;
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t e = 0; e < total; ++e) {
+    float s = bp ? bp[e % out] : 0.0f;
+    for (int th = 0; th < threads; ++th) s += acc[static_cast<size_t>(th) * total + e];
+    yp[e] = s;
+  }
+  return std::make_tuple(y, k, pairs, true);
 }
 """
 
@@ -88,8 +113,8 @@ def _load():
 
                 os.environ.setdefault("MAX_JOBS", "2")
                 _module = load_inline(
-                    name="dyncompile_sparse_linear_v1", cpp_sources=[_SOURCE],
-                    functions=["sparse_rows_gemm"],
+                    name="dyncompile_sparse_linear_v2", cpp_sources=[_SOURCE],
+                    functions=["sparse_linear_fwd"],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as e:  # noqa: BLE001  (no compiler: use the torch fallback)
@@ -99,20 +124,30 @@ def _load():
     return _module
 
 
-def sparse_rows_gemm(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                     threshold: float) -> torch.Tensor:
-    """y[n, out] = sum over active rows i of masked x[:, i] * weight_t[i, :] (+ bias), fp32."""
+def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+                      threshold: float, max_tokens: int,
+                      max_active: float) -> tuple[torch.Tensor, int, int, bool]:
+    """(y, union of active channels, active (token, channel) pairs, rows skipped?).
+
+    Skips rows when there are at most ``max_tokens`` tokens and the union of
+    active channels is at most ``max_active`` of the width; otherwise runs one
+    dense GEMM on the masked input.
+    """
     mod = _load() if x2d.dtype == torch.float32 and weight_t.dtype == torch.float32 else None
     if mod is not None:
-        return mod.sparse_rows_gemm(x2d, weight_t,
-                                    bias if bias is not None else torch.empty(0), threshold)
+        y, k, pairs, sparse = mod.sparse_linear_fwd(
+            x2d, weight_t, bias if bias is not None else torch.empty(0), threshold,
+            max_tokens, max_active)
+        return y, int(k), int(pairs), bool(sparse)
     mask = x2d.abs() >= threshold
-    idx = mask.any(0).nonzero().flatten()
-    coef = (x2d * mask).index_select(1, idx).float()
-    y = coef @ weight_t.index_select(0, idx).float()
-    if bias is not None:
-        y = y + bias.float()
-    return y
+    on = mask.any(0)
+    k, pairs = int(on.sum()), int(mask.sum())
+    if x2d.shape[0] <= max_tokens and k <= max_active * x2d.shape[1]:
+        idx = on.nonzero().flatten()
+        y = (x2d * mask).index_select(1, idx) @ weight_t.index_select(0, idx)
+        y = y + bias if bias is not None else y
+        return y, k, pairs, True
+    return torch.nn.functional.linear(x2d * mask, weight_t.t(), bias), k, pairs, False
 
 
 def kernel_available() -> bool:

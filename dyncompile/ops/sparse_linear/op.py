@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ...runtime import stats as _stats
-from .cpu import sparse_rows_gemm
+from .cpu import sparse_linear_cpu
 
 # Row skipping beats a dense GEMM only in the decode regime: few tokens, and
 # a union of active channels well below the full width.
@@ -41,20 +41,16 @@ def _cpu(x, weight_t, bias, threshold):
     n = x2.shape[0]
     dense = 2.0 * n * n_in * n_out
     thr = float(threshold)
-    if thr <= 0 or n == 0:
-        y = F.linear(x2, weight_t.t(), bias)
+    if thr <= 0 or n == 0 or x.dtype != torch.float32:
+        kept = x2 * (x2.abs() >= thr) if thr > 0 else x2
+        y = F.linear(kept, weight_t.t(), bias)
+        pairs = n * n_in if thr <= 0 else float((x2.abs() >= thr).sum())
         spent = dense
-        _stats.record_ratio("active_channels", n * n_in, n * n_in)
     else:
-        mask = x2.abs() >= thr
-        _stats.record_ratio("active_channels", float(mask.sum()), n * n_in)
-        k = int(mask.any(0).sum())
-        if n <= SPARSE_MAX_TOKENS and k <= SPARSE_MAX_ACTIVE * n_in and x.dtype == torch.float32:
-            y = sparse_rows_gemm(x2, weight_t, bias, thr)
-            spent = 2.0 * n * k * n_out
-        else:
-            y = F.linear(x2 * mask, weight_t.t(), bias)
-            spent = dense
+        y, k, pairs, skipped = sparse_linear_cpu(x2, weight_t, bias, thr, SPARSE_MAX_TOKENS,
+                                                 SPARSE_MAX_ACTIVE)
+        spent = 2.0 * n * k * n_out if skipped else dense
+    _stats.record_ratio("active_channels", pairs, n * n_in)
     _stats.record_saving(dense - spent)
     return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
