@@ -116,10 +116,9 @@ def test_python_float_budget_would_recompile_and_the_helper_catches_it():
         assert_no_recompile(compiled, (torch.randn(1, 3, 32),))
 
 
-def test_warns_when_dynamo_falls_back_to_eager(monkeypatch):
+def test_warns_when_dynamo_falls_back_to_eager():
     import logging
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     messages = []
 
     class H(logging.Handler):
@@ -131,7 +130,7 @@ def test_warns_when_dynamo_falls_back_to_eager(monkeypatch):
     try:
         entry = ZOO["mlp"]
         opt = dyncompile.optimize(entry.build(), compiler="eager")
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
             opt(*entry.inputs(2, 5))
             opt(torch.randn(10, 32))  # new rank: a recompile, over the limit
     finally:
