@@ -2,7 +2,7 @@
 
 For few tokens (the decode regime) a C++ kernel walks the union of active
 channels once and adds ``x[t, i] * W_t[i, :]`` into each token's output, with
-OpenMP over blocks of output columns (no atomics, no weight copy). It is
+torch's thread pool splitting the active rows (private accumulators, no weight copy). It is
 built on first use with ``torch.utils.cpp_extension.load_inline`` (cached
 after); if no compiler is available a torch fallback gathers the active rows.
 """
@@ -19,7 +19,7 @@ log = logging.getLogger("dyncompile")
 
 _SOURCE = r"""
 #include <torch/extension.h>
-#include <omp.h>
+#include <ATen/Parallel.h>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -36,12 +36,17 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
   const bool has_bias = bias.defined() && bias.numel() == out;
   const float thr = static_cast<float>(threshold);
   const float* xp = x.data_ptr<float>();
+  // One serial pass: the masked input, the union of active channels, the pair count.
+  auto kept_t = torch::empty({n, in}, x.options());
+  float* kp = kept_t.data_ptr<float>();
   std::vector<uint8_t> on(static_cast<size_t>(in), 0);
   int64_t pairs = 0;
   for (int64_t t = 0; t < n; ++t) {
     const float* row = xp + t * in;
+    float* krow = kp + t * in;
     for (int64_t i = 0; i < in; ++i) {
       const bool a = std::fabs(row[i]) >= thr;
+      krow[i] = a ? row[i] : 0.0f;
       pairs += a;
       on[i] |= a;
     }
@@ -51,48 +56,46 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
   for (int64_t i = 0; i < in; ++i) if (on[i]) idx.push_back(i);
   const int64_t k = static_cast<int64_t>(idx.size());
   if (n > max_tokens || k > max_active * in || !wt.is_contiguous()) {
-    auto kept = thr > 0 ? x * (x.abs() >= thr) : x;
-    auto y = has_bias ? at::linear(kept, wt.t(), bias) : at::linear(kept, wt.t());
+    auto y = has_bias ? at::addmm(bias, kept_t, wt) : at::mm(kept_t, wt);
     return std::make_tuple(y, k, pairs, false);
   }
   const float* wp = wt.data_ptr<float>();
   std::vector<float> coef(static_cast<size_t>(k * n));
   for (int64_t r = 0; r < k; ++r)
-    for (int64_t t = 0; t < n; ++t) {
-      const float v = xp[t * in + idx[r]];
-      coef[r * n + t] = std::fabs(v) >= thr ? v : 0.0f;
-    }
-  const int threads = std::max(1, std::min<int>(omp_get_max_threads(),
-                                                 static_cast<int>((k + 63) / 64)));
+    for (int64_t t = 0; t < n; ++t) coef[r * n + t] = kp[t * in + idx[r]];
+  // Torch's own thread pool (at::parallel_for), never a second OpenMP runtime.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                   (k + 63) / 64));
   std::vector<float> acc(static_cast<size_t>(threads) * n * out, 0.0f);
-  // Each thread accumulates its share of the active rows into a private buffer:
+  // Each chunk accumulates its share of the active rows into a private buffer:
   // every weight row is read once and no output column block is left idle.
-  #pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num();
-    const int64_t r0 = k * tid / threads, r1 = k * (tid + 1) / threads;
-    float* a = acc.data() + static_cast<size_t>(tid) * n * out;
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* w = wp + idx[r] * out;
-      for (int64_t t = 0; t < n; ++t) {
-        const float c = coef[r * n + t];
-        if (c == 0.0f) continue;
-        float* at_row = a + t * out;
-        #pragma omp simd
-        for (int64_t j = 0; j < out; ++j) at_row[j] += c * w[j];
+  at::parallel_for(0, threads, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t tid = c0; tid < c1; ++tid) {
+      const int64_t r0 = k * tid / threads, r1 = k * (tid + 1) / threads;
+      float* a = acc.data() + static_cast<size_t>(tid) * n * out;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* w = wp + idx[r] * out;
+        for (int64_t t = 0; t < n; ++t) {
+          const float c = coef[r * n + t];
+          if (c == 0.0f) continue;
+          float* at_row = a + t * out;
+          #pragma GCC ivdep
+          for (int64_t j = 0; j < out; ++j) at_row[j] += c * w[j];
+        }
       }
     }
-  }
+  });
   auto y = torch::empty({n, out}, x.options());
   float* yp = y.data_ptr<float>();
   const float* bp = has_bias ? bias.contiguous().to(at::kFloat).data_ptr<float>() : nullptr;
   const int64_t total = n * out;
-  #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t e = 0; e < total; ++e) {
-    float s = bp ? bp[e % out] : 0.0f;
-    for (int th = 0; th < threads; ++th) s += acc[static_cast<size_t>(th) * total + e];
-    yp[e] = s;
-  }
+  at::parallel_for(0, total, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      float s = bp ? bp[e % out] : 0.0f;
+      for (int64_t th = 0; th < threads; ++th) s += acc[static_cast<size_t>(th) * total + e];
+      yp[e] = s;
+    }
+  });
   return std::make_tuple(y, k, pairs, true);
 }
 """
@@ -113,10 +116,9 @@ def _load():
 
                 os.environ.setdefault("MAX_JOBS", "2")
                 _module = load_inline(
-                    name="dyncompile_sparse_linear_v2", cpp_sources=[_SOURCE],
+                    name="dyncompile_sparse_linear_v4", cpp_sources=[_SOURCE],
                     functions=["sparse_linear_fwd"],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+                    extra_cflags=["-O3", "-march=native"], verbose=False)
             except Exception as e:  # noqa: BLE001  (no compiler: use the torch fallback)
                 log.warning("dyncompile: sparse_linear C++ kernel unavailable (%s); "
                             "using the torch fallback", e)
