@@ -133,31 +133,9 @@ def _run_child(backend: str, cache_dir: str, seq: int, calls: int) -> dict[str, 
 
 
 def _device() -> dict[str, Any]:
-    import torch
-    import transformers
+    from dyncompile.eval.timing import device_info
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    return {
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
+    return {**device_info(), "platform": platform.platform()}
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float:

@@ -52,7 +52,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import corpus
-from .workload import Batch, Workload
+from .workload import Batch, Workload, output_field
 
 BOS, EOS, PAD = 256, 257, 258
 VOCAB = 259
@@ -443,14 +443,7 @@ def train_record(seed: int = 0, quick: bool = False,
 
 def logits_of(out: Any) -> torch.Tensor:
     """Logits from a model output: a tensor, ``.logits``, ``["logits"]`` or ``[0]``."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, Mapping):
-        return out["logits"]
-    return out[0]
+    return output_field(out, "logits")
 
 
 def _nll(model: Callable[..., Any], batches: Sequence[torch.Tensor]) -> tuple[float, int]:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import corpus
-from .workload import Batch, Workload
+from .workload import Batch, Workload, output_field
 
 MAX_LENGTH = 128
 N_TOPICS = 8
@@ -70,14 +70,7 @@ def tokenize(tokenizer: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
 
 def hidden_states(out: Any) -> torch.Tensor:
     """Token embeddings from a model output: ``.last_hidden_state``, ``[0]`` or a tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    hs = getattr(out, "last_hidden_state", None)
-    if isinstance(hs, torch.Tensor):
-        return hs
-    if isinstance(out, dict):
-        return out["last_hidden_state"]
-    return out[0]
+    return output_field(out, "last_hidden_state")
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

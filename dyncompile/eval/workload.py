@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 Batch = Any  # a dict of kwargs, a tuple of args, or a tensor (see runtime.module.call_batch)
@@ -55,3 +56,16 @@ class Workload(ABC):
     def info(self) -> dict[str, Any]:
         """Facts worth printing next to the results (sizes, baselines)."""
         return {}
+
+
+def output_field(out: Any, name: str) -> torch.Tensor:
+    """One tensor of a model output: the output itself if it is a tensor, else
+    ``out.<name>``, ``out[name]`` (mappings) or ``out[0]``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    value = getattr(out, name, None)
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(out, Mapping):
+        return out[name]
+    return out[0]
