@@ -1,0 +1,90 @@
+"""Decode speed of the project's LM: gated form at several budgets vs dense, same run.
+
+Both models go through Hugging Face ``generate()`` (greedy, KV cache) with their
+``forward`` compiled: dense with the default ``torch.compile`` backend, gated
+with ``backend="dyn"`` and ``methods=["gated"]`` (calibrated on the LM
+workload's calibration batches). Calls are interleaved, the median of repeats
+is kept, 2 threads.
+
+    python benchmarks/lm_decode.py [--budgets 1.0,0.5] [--new-tokens 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dyncompile
+from dyncompile.backend import dyn_backend
+from dyncompile.eval.lm import PAD, LMWorkload, encode, load_lm
+from dyncompile.eval.timing import device_info, time_interleaved
+from dyncompile.runtime.budget import BudgetState
+
+
+def run(budgets: list[float], new_tokens: int, repeats: int, prompt_len: int) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    base = load_lm()
+    workload = LMWorkload()
+    dense, gated = copy.deepcopy(base), copy.deepcopy(base)
+    dense.forward = torch.compile(dense.forward)
+    state = BudgetState(1.0)
+    gated.forward = torch.compile(gated.forward, backend=functools.partial(
+        dyn_backend, options={"methods": ["gated"], "state": state}))
+    state.calibrating = True
+    with torch.no_grad():
+        for batch in workload.calibration():
+            gated(**batch)
+    state.calibrating = False
+    state.finalize_calibration()
+
+    text = "The interpreter reads the source code and executes the statements in order. "
+    ids = encode(text * 4, eos=False)[:prompt_len].unsqueeze(0)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=PAD)
+
+    def gen(model: Any, budget: float | None = None) -> torch.Tensor:
+        if budget is None:
+            return model.generate(ids, **kw)
+        with dyncompile.budget(budget):
+            return model.generate(ids, **kw)
+
+    fns = {"dense": lambda: gen(dense)}
+    for b in budgets:
+        fns[f"gated@{b}"] = lambda b=b: gen(gated, b)
+    with torch.no_grad():
+        same = torch.equal(gen(dense), gen(gated, 1.0))
+    compiles = dyncompile.compile_count()
+    t = time_interleaved(fns, repeats=repeats, warmup=2)
+    tokens_s = {k: new_tokens / v for k, v in t.items()}
+    return {"meta": {**device_info(), "new_tokens": new_tokens, "prompt_len": prompt_len,
+                     "repeats": repeats},
+            "greedy_equal_at_budget_1": same,
+            "recompiles_while_timing": dyncompile.compile_count() - compiles,
+            "tokens_per_s": tokens_s,
+            "speedup": {k: v / tokens_s["dense"] for k, v in tokens_s.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="1.0,0.5")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default="benchmarks/results/lm_decode.json")
+    args = ap.parse_args()
+    res = run([float(b) for b in args.budgets.split(",")], args.new_tokens, args.repeats,
+              args.prompt_len)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "meta"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
