@@ -39,6 +39,7 @@ class GatedRuntime:
     def __init__(self) -> None:
         self.samples: dict[str, MagnitudeSample] = {}
         self.tables: dict[str, torch.Tensor] = {}
+        self._cache: dict[float, dict[str, float]] = {}  # budget -> site -> threshold
 
     @property
     def calibrated(self) -> bool:
@@ -53,15 +54,24 @@ class GatedRuntime:
             q = sample.quantiles(LEVELS).double()
             q[0] = 0.0
             self.tables[site] = torch.cummax(q, 0).values
+        self._cache.clear()
 
     def threshold(self, site: str, budget: float) -> float:
         if budget >= 1.0:
             return 0.0
-        table = self.tables.get(site)
-        if table is None:
-            raise RuntimeError(f"gated: site {site!r} was not calibrated; run calibration "
-                               "batches through optimize(..., calibration=...) first")
-        return interpolate(LEVELS, table, 1.0 - budget)
+        per_site = self._cache.get(budget)
+        if per_site is None:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            per_site = self._cache[budget] = {}
+        value = per_site.get(site)
+        if value is None:
+            table = self.tables.get(site)
+            if table is None:
+                raise RuntimeError(f"gated: site {site!r} was not calibrated; run calibration "
+                                   "batches through optimize(..., calibration=...) first")
+            value = per_site[site] = interpolate(LEVELS, table, 1.0 - budget)
+        return value
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.tables.items()}
