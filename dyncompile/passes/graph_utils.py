@@ -284,15 +284,6 @@ def is_getitem_of_split(node: fx.Node) -> bool:
     )
 
 
-def is_row_preserving_getitem(node: fx.Node) -> bool:
-    """getitem that takes a slice of the last dims (e.g. RoPE halves) or a split piece."""
-    if op_kind(node) != "getitem":
-        return False
-    if is_getitem_of_split(node):
-        return True
-    return is_tensor(node.args[0])
-
-
 # ---------------------------------------------------------------------------
 # networkx view
 
