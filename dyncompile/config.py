@@ -58,6 +58,27 @@ def validate_methods(methods: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(methods))
 
 
+def validate_form_options(form_options: Any) -> None:
+    """Raise ValueError for an unknown form, option or option value, naming what is allowed."""
+    from .passes.rewrite import FORMS
+
+    if not isinstance(form_options, Mapping):
+        raise ValueError(f"form_options must be a dict {{form: {{option: value}}}}, "
+                         f"got {form_options!r}")
+    for form, opts in form_options.items():
+        if form not in FORMS:
+            raise ValueError(f"form_options names unknown form {form!r}; known: "
+                             f"{', '.join(sorted(FORMS))}")
+        allowed = FORMS[form].options
+        if not isinstance(opts, Mapping):
+            raise ValueError(f"form_options[{form!r}] must be a dict, got {opts!r}")
+        for key, value in opts.items():
+            if key not in allowed:
+                raise ValueError(f"unknown {form} option {key!r}; allowed: {sorted(allowed)}")
+            if allowed[key] is not None and value not in allowed[key]:
+                raise ValueError(f"{form} option {key}={value!r}; allowed: {allowed[key]}")
+
+
 @dataclass(frozen=True)
 class DynConfig:
     """Options of the ``dyn`` backend.
@@ -78,6 +99,7 @@ class DynConfig:
         object.__setattr__(self, "methods", validate_methods(self.methods))
         if self.compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {_COMPILERS}, got {self.compiler!r}")
+        validate_form_options(self.form_options)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> DynConfig:

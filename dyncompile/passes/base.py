@@ -35,6 +35,9 @@ class Pass:
 
     name: str = "pass"
     version: str = "1"
+    #: A form's options and their allowed values (first = default); checked by DynConfig.
+    #: A value of ``None`` accepts anything (numbers, say).
+    options: dict[str, tuple | None] = {}
 
     def __init__(self, config: DynConfig) -> None:
         self.config = config

@@ -36,3 +36,39 @@ class MagnitudeSample:
         if not self.values:
             raise RuntimeError("no calibration data was seen for this site")
         return torch.quantile(torch.cat(self.values), levels.float())
+
+
+class RowSample:
+    """A bounded, seeded sample of whole rows (tokens) of paired tensors for one site.
+
+    ``gate`` is what the form thresholds, ``value`` what multiplies the weight
+    rows (the same tensor for a plain sparse linear). Used to estimate the
+    output error each sparsity level causes (greedy allocation).
+    """
+
+    def __init__(self, capacity: int = 256, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.gate: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def add(self, gate: torch.Tensor, value: torch.Tensor) -> None:
+        g = gate.detach().reshape(-1, gate.shape[-1]).float().cpu()
+        v = value.detach().reshape(-1, value.shape[-1]).float().cpu()
+        if self.gate is not None:
+            g, v = torch.cat([self.gate, g]), torch.cat([self.value, v])
+        if g.shape[0] > self.capacity:
+            keep = torch.randperm(g.shape[0], generator=self.gen)[:self.capacity]
+            g, v = g[keep], v[keep]
+        self.gate, self.value = g, v
+
+
+def interpolate(levels: torch.Tensor, values: torch.Tensor, at: float) -> float:
+    """Piecewise-linear interpolation of values(levels) at ``at`` (clamped to the range)."""
+    at = min(max(at, float(levels[0])), float(levels[-1]))
+    pos = torch.searchsorted(levels, torch.tensor(at, dtype=levels.dtype))
+    hi = int(pos.clamp(1, len(levels) - 1))
+    lo = hi - 1
+    span = float(levels[hi] - levels[lo])
+    w = (at - float(levels[lo])) / span if span > 0 else 0.0
+    return float(values[lo]) * (1 - w) + float(values[hi]) * w

@@ -14,8 +14,8 @@ from dyncompile.testing import (
 )
 from dyncompile.testing.zoo import ZOO
 
-SPARSE = "dyncompile.sparse_linear.default"
-THRESH = "dyncompile.gate_threshold.default"
+SPARSE = "dyncompile.gated_linear.default"
+CATS = "dyncompile.cats_glu.default"
 
 
 @pytest.mark.parametrize("name,linears", [("llama", 14), ("gpt2", 8), ("bert", 12),
@@ -25,7 +25,7 @@ def test_rewrite_replaces_every_block_linear(name, linears):
     (snaps,) = capture_passes(entry.build(), entry.inputs(1, 4), methods=["gated"])
     before, after = snaps[-2].op_counts, snaps[-1].op_counts
     assert snaps[-1].after == "gated"
-    assert before[SPARSE] == 0 and after[SPARSE] == linears and after[THRESH] == linears
+    assert before[SPARSE] == 0 and after[SPARSE] == linears
     block_linears = before["linear"] + before["addmm"]
     remaining = after["linear"] + after["addmm"]
     assert block_linears - remaining == linears  # only the head (if any) stays dense
@@ -145,3 +145,49 @@ def test_matmul_written_linears_keep_dense_semantics():
     assert snaps[-1].op_counts[SPARSE] == 2 and snaps[-1].op_counts["matmul"] == 0
     opt = dyncompile.optimize(model, methods=["gated"], calibration=[(x,)], compiler="eager")
     assert assert_matches_dense(model, opt, (x,), atol=1e-5) < 1e-5
+
+
+def test_cats_rewrites_glu_ffns_into_one_op():
+    entry = ZOO["llama"]
+    (snaps,) = capture_passes(entry.build(), entry.inputs(1, 4), methods=["gated"],
+                              form_options={"gated": {"glu": "cats"}})
+    before, after = snaps[-2].op_counts, snaps[-1].op_counts
+    layers = 2
+    assert after[CATS] == layers                    # one op per GLU FFN
+    assert after[SPARSE] == 4 * layers              # q, k, v, o stay gated one by one
+    # the gate projections stay dense; up and down are folded into cats_glu
+    assert before["linear"] - after["linear"] == 6 * layers
+
+
+def test_cats_budget_one_is_dense_and_compute_falls():
+    entry, model, opt = _optimized("llama", form_options={"gated": {"glu": "cats"}})
+    inputs = entry.inputs(2, 8)
+    assert assert_matches_dense(model, opt, inputs, atol=1e-5) < 1e-5
+    fractions = assert_compute_falls(opt, entry.inputs(1, 1), budgets=(1.0, 0.75, 0.5))
+    assert fractions[-1] < 0.8
+    assert_no_recompile(opt, inputs, budgets=(0.9, 0.6, 0.4))
+
+
+def test_greedy_allocation_spends_the_budget_unevenly():
+    entry, model, opt = _optimized("bert", form_options={"gated": {"allocation": "greedy"}})
+    inputs = entry.inputs(2, 8)
+    assert assert_matches_dense(model, opt, inputs, atol=1e-5) < 1e-5
+    runtime = opt.state.forms["gated"]
+    alloc = runtime.sparsity(0.5)
+    costs = runtime.costs
+    spent = sum(costs[s].cost * (1 - alloc[s]) for s in alloc) / sum(costs[s].cost for s in alloc)
+    assert spent == pytest.approx(0.5, abs=0.01)
+    assert max(alloc.values()) - min(alloc.values()) > 0.1   # not uniform
+    with torch.no_grad():
+        for b in (0.75, 0.5):
+            with dyncompile.budget(b):
+                opt(**inputs)
+            assert opt.stats.ratio("active_channels") == pytest.approx(b, abs=0.15)
+
+
+def test_unknown_gated_option_is_a_clear_error():
+    entry = ZOO["mlp"]
+    with pytest.raises(ValueError, match="allocation"):
+        dyncompile.optimize(entry.build(), methods=["gated"], compiler="eager",
+                            form_options={"gated": {"allocation": "best"}},
+                            calibration=[entry.inputs(2, 4)])

@@ -34,13 +34,13 @@ def _(x, weight_t, bias, threshold):
     return x.new_empty(*x.shape[:-1], weight_t.shape[1])
 
 
-@sparse_linear.register_kernel("cpu")
-def _cpu(x, weight_t, bias, threshold):
+def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+            thr: float) -> torch.Tensor:
+    """The CPU kernel with a Python float threshold (shared with ``gated_linear``)."""
     n_in, n_out = weight_t.shape
     x2 = x.reshape(-1, n_in)
     n = x2.shape[0]
     dense = 2.0 * n * n_in * n_out
-    thr = float(threshold)
     if thr <= 0 or n == 0 or x.dtype != torch.float32:
         kept = x2 * (x2.abs() >= thr) if thr > 0 else x2
         y = F.linear(kept, weight_t.t(), bias)
@@ -55,11 +55,16 @@ def _cpu(x, weight_t, bias, threshold):
     return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
-@sparse_linear.register_kernel("cuda")
-def _cuda(x, weight_t, bias, threshold):  # pragma: no cover - needs a GPU
+@sparse_linear.register_kernel("cpu")
+def _cpu(x, weight_t, bias, threshold):
+    return run_cpu(x, weight_t, bias, float(threshold))
+
+
+def run_cuda(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+             thr: float) -> torch.Tensor:  # pragma: no cover - needs a GPU
+    """The Triton kernel with a Python float threshold (shared with ``gated_linear``)."""
     from .triton import sparse_linear_triton
 
-    thr = float(threshold)
     n_in, n_out = weight_t.shape
     n = x.numel() // n_in
     if thr > 0:
@@ -68,6 +73,11 @@ def _cuda(x, weight_t, bias, threshold):  # pragma: no cover - needs a GPU
         _stats.record_saving(2.0 * n * n_out * (n_in - float(kept)))
         _stats.record_ratio("active_channels", float(kept), n * n_in)
     return sparse_linear_triton(x, weight_t, bias, thr)
+
+
+@sparse_linear.register_kernel("cuda")
+def _cuda(x, weight_t, bias, threshold):  # pragma: no cover - needs a GPU
+    return run_cuda(x, weight_t, bias, float(threshold))
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,60 +1,117 @@
 """Form ``gated``: training-free activation sparsity for the linears of FFN and attention blocks.
 
-Every linear inside a detected FFN or attention block becomes
+Every linear inside a detected FFN or attention block becomes one op,
 
-    thr = dyncompile::gate_threshold(x, state, site)     # budget -> threshold, at run time
-    y   = dyncompile::sparse_linear(x, W_t, b, thr)      # skip rows of W_t where |x| < thr
+    y = dyncompile::gated_linear(x, W_t, b, state, site)   # skip rows of W_t where |x| < thr
 
-Thresholds come from |x| quantiles gathered on calibration data through the
-graph itself (no hooks). The budget maps to a per-linear sparsity of
-``1 - budget`` (uniform allocation): the rewritten linears spend about
-``budget`` of their dense cost per token. Budget 1.0 gives threshold 0, the
-dense linear.
+whose threshold is read at run time from the budget in force. With
+``form_options={"gated": {"glu": "cats"}}`` the up and down projections of a
+GLU FFN become instead (CATS)
 
-Weights used as ``F.linear`` weights ([out, in]) are switched once, in place,
-to input-major memory (same values and shape, transposed strides), so an active
-input channel is one contiguous row and no weight is ever copied per call.
+    y = dyncompile::cats_glu(act(gate(x)), x, W_up, b_up, W_down_t, b_down, state, site)
+
+which drops hidden channels whose gate activation is small (the gate
+projection stays dense). Thresholds come from |x| quantiles gathered on
+calibration data through the graph itself (no hooks). The budget maps to
+per-site sparsities so the rewritten linears spend about ``budget`` of their
+dense cost: the same keep fraction everywhere (``allocation="uniform"``,
+default) or a greedy allocation that spends the sparsity where the estimated
+output error grows least per FLOP saved (``allocation="greedy"``). Budget 1.0
+gives threshold 0, the dense model.
+
+Weights the kernels read transposed are switched once, in place, to the
+transposed memory order (same values and shape), so an active channel is one
+contiguous row and no weight is ever copied per call.
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
-from ...ops.gate_threshold import op as _gate_op  # noqa: F401  (registers the op)
-from ...ops.gate_threshold.reference import interpolate
-from ...ops.sparse_linear import op as _sparse_op  # noqa: F401  (registers the op)
-from ...runtime.calibration import MagnitudeSample
+from ...ops.cats_glu import op as _cats_op  # noqa: F401  (registers the op)
+from ...ops.gated_linear import op as _gated_op  # noqa: F401  (registers the op)
+from ...runtime.allocation import GreedyPath, SiteCost, uniform_sparsity
+from ...runtime.calibration import MagnitudeSample, RowSample, interpolate
 from ..base import Pass, PassContext
-from ..graph_utils import is_param, op_kind, placeholder_info
+from ..blocks import FFNBlock
+from ..graph_utils import op_kind, shape_of
 from ..linears import LinearSite
 from . import register_form
+from .weights import Weights
 
 LEVELS = torch.linspace(0.0, 0.99, 100, dtype=torch.float64)
+ERROR_LEVELS = LEVELS[::5]  # 0, 0.05, ..., 0.95: the greedy allocation's steps
+OPTIONS = {"glu": ("teal", "cats"), "allocation": ("uniform", "greedy"),
+           "layout": ("input_major", "as_is")}
 
 
 class GatedRuntime:
-    """Calibration samples and per-site threshold tables of the gated form."""
+    """Calibration samples, per-site threshold tables and the budget allocation."""
 
-    def __init__(self) -> None:
+    def __init__(self, allocation: str = "uniform") -> None:
+        self.allocation = allocation
+        self.costs: dict[str, SiteCost] = {}
+        self.channel_weight: dict[str, torch.Tensor] = {}
         self.samples: dict[str, MagnitudeSample] = {}
+        self.rows: dict[str, RowSample] = {}
         self.tables: dict[str, torch.Tensor] = {}
+        self.errors: dict[str, torch.Tensor] = {}
+        self.path: GreedyPath | None = None
         self._cache: dict[float, dict[str, float]] = {}  # budget -> site -> threshold
 
     @property
     def calibrated(self) -> bool:
         return bool(self.tables) and set(self.samples) <= set(self.tables)
 
-    def observe(self, site: str, x: torch.Tensor) -> None:
+    def register(self, site: str, cost: float, fixed: float = 0.0,
+                 channel_weight: torch.Tensor | None = None) -> None:
+        """Declare a site: dense FLOPs per token, fixed share, squared weight norm per channel."""
+        self.costs[site] = SiteCost(cost, fixed)
+        if channel_weight is not None:
+            self.channel_weight[site] = channel_weight.detach().float().cpu()
+
+    def observe(self, site: str, gate: torch.Tensor, value: torch.Tensor | None = None) -> None:
         seed = sum(map(ord, site)) % (1 << 31)
-        self.samples.setdefault(site, MagnitudeSample(seed=seed)).add(x)
+        self.samples.setdefault(site, MagnitudeSample(seed=seed)).add(gate)
+        if self.allocation == "greedy":
+            self.rows.setdefault(site, RowSample(seed=seed)).add(
+                gate, value if value is not None else gate)
 
     def finalize(self) -> None:
         for site, sample in self.samples.items():
             q = sample.quantiles(LEVELS).double()
             q[0] = 0.0
             self.tables[site] = torch.cummax(q, 0).values
+        if self.allocation == "greedy":
+            self.errors = {s: self._error_curve(s) for s in self.tables}
+            self.path = GreedyPath({s: self.costs.get(s, SiteCost()) for s in self.errors},
+                                   self.errors, ERROR_LEVELS)
         self._cache.clear()
+
+    def _error_curve(self, site: str) -> torch.Tensor:
+        """Estimated relative output error of the site at each of ERROR_LEVELS."""
+        rows = self.rows[site]
+        g, v = rows.gate.abs(), rows.value
+        w = self.channel_weight.get(site)
+        energy = v.square() * (w if w is not None and w.numel() == v.shape[-1] else 1.0)
+        total = float(energy.sum()) or 1.0
+        out = []
+        for level in ERROR_LEVELS.tolist():
+            thr = interpolate(LEVELS, self.tables[site], level)
+            out.append(float(energy[g < thr].sum()) / total if thr > 0 else 0.0)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def sparsity(self, budget: float) -> dict[str, float]:
+        """Per-site sparsity for a budget under the configured allocation."""
+        if budget >= 1.0:
+            return dict.fromkeys(self.tables, 0.0)
+        if self.path is not None:
+            return self.path.sparsity(budget)
+        return uniform_sparsity({s: self.costs.get(s, SiteCost()) for s in self.tables},
+                                budget, float(LEVELS[-1]))
 
     def threshold(self, site: str, budget: float) -> float:
         if budget >= 1.0:
@@ -63,22 +120,66 @@ class GatedRuntime:
         if per_site is None:
             if len(self._cache) > 64:
                 self._cache.clear()
-            per_site = self._cache[budget] = {}
+            alloc = self.sparsity(budget)
+            per_site = self._cache[budget] = {
+                s: interpolate(LEVELS, table, alloc.get(s, 1.0 - budget))
+                for s, table in self.tables.items()}
         value = per_site.get(site)
         if value is None:
-            table = self.tables.get(site)
-            if table is None:
-                raise RuntimeError(f"gated: site {site!r} was not calibrated; run calibration "
-                                   "batches through optimize(..., calibration=...) first")
-            value = per_site[site] = interpolate(LEVELS, table, 1.0 - budget)
+            raise RuntimeError(f"gated: site {site!r} was not calibrated; run calibration "
+                               "batches through optimize(..., calibration=...) first")
         return value
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.tables.items()}
 
 
-def _placeholder_index(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+def _options(ctx: PassContext) -> dict[str, str]:
+    """The form's options with defaults filled in (values were validated by DynConfig)."""
+    return {**{k: v[0] for k, v in OPTIONS.items()},
+            **ctx.config.form_options.get("gated", {})}
+
+
+def _replaced(site: LinearSite) -> fx.Node:
+    """The node whose value the rewrite replaces (x @ W + b: the add carries the bias)."""
+    if op_kind(site.node) == "matmul" and site.output is not site.node:
+        return site.output
+    return site.node
+
+
+def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
+    dst.meta.update({k: v for k, v in src.meta.items()
+                     if k in ("val", "example_value", "nn_module_stack", "stack_trace")})
+
+
+class _CatsMatch:
+    """A GLU FFN in the shape CATS rewrites: down(a * up(x)) with a = act(gate(x))."""
+
+    def __init__(self, block: FFNBlock, up: LinearSite, act: fx.Node) -> None:
+        self.block, self.up, self.act = block, up, act
+
+    @property
+    def down(self) -> LinearSite:
+        assert self.block.down is not None
+        return self.block.down
+
+
+def _match_cats(block: FFNBlock) -> _CatsMatch | None:
+    if not block.gated or block.fused_gate_up or block.gate is None or len(block.up) != 2:
+        return None
+    up = next(u for u in block.up if u is not block.gate)
+    mul = block.down.x if block.down is not None else None
+    if mul is None or mul.target not in (operator.mul, torch.mul, torch.Tensor.mul):
+        return None
+    args = [a for a in mul.args if isinstance(a, fx.Node)]
+    if len(args) != 2 or up.output not in args or len(up.output.users) != 1:
+        return None
+    act = args[0] if args[1] is up.output else args[1]
+    if shape_of(act) is None or shape_of(act) != shape_of(up.output):
+        return None
+    if len(mul.users) != 1:
+        return None
+    return _CatsMatch(block, up, act)
 
 
 @register_form
@@ -86,62 +187,82 @@ class GatedForm(Pass):
     """Rewrite FFN and attention linears into budget-controlled sparse linears."""
 
     name = "gated"
-    version = "1"
+    version = "2"
+    options = OPTIONS
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         assert ctx.blocks is not None and ctx.state is not None
-        ctx.state.form(self.name, GatedRuntime)
+        opts = _options(ctx)
+        runtime = ctx.state.form(self.name, lambda: GatedRuntime(opts["allocation"]))
+        cats = []
+        if opts["glu"] == "cats":
+            cats = [m for m in map(_match_cats, ctx.blocks.ffn) if m is not None]
+        taken = {id(s) for m in cats for s in (m.up, m.down, m.block.gate)}
         sites: list[LinearSite] = []
         for block in [*ctx.blocks.ffn, *ctx.blocks.attention]:
             for s in [*getattr(block, "up", []), getattr(block, "down", None),
                       getattr(block, "q", None), getattr(block, "k", None),
                       getattr(block, "v", None), getattr(block, "o", None)]:
-                if s is not None and s not in sites:
+                if s is not None and s not in sites and id(s) not in taken:
                     sites.append(s)
-        index = _placeholder_index(gm)
-        opts = dict(ctx.config.form_options.get(self.name, {}))
+        self._weights = Weights(gm, ctx, convert=opts["layout"] == "input_major")
         for site in sites:
-            self._rewrite(gm, site, ctx.state.id)
-            if site.layout == "out_in" and opts.get("layout", "input_major") == "input_major":
-                self._input_major(site, index, ctx)
+            self._rewrite_linear(gm, site, ctx.state.id, runtime)
+        for m in cats:
+            self._rewrite_cats(gm, m, ctx.state.id, runtime)
         gm.graph.eliminate_dead_code()
         gm.recompile()
         gm.meta["dyn_gated_sites"] = [s.weight_name for s in sites]
-        ctx.log.append(f"gated: rewrote {len(sites)} linears")
+        gm.meta["dyn_cats_sites"] = [m.down.weight_name for m in cats]
+        ctx.log.append(f"gated: rewrote {len(sites)} linears"
+                       + (f" and {len(cats)} GLU FFNs (CATS)" if cats else "")
+                       + f", {opts['allocation']} allocation")
+        if opts["glu"] == "cats" and len(cats) < sum(b.gated for b in ctx.blocks.ffn):
+            ctx.log.append("gated: some GLU FFNs did not match down(act(gate(x)) * up(x)); "
+                           "their linears are gated one by one")
+        del self._weights
 
-    @staticmethod
-    def _rewrite(gm: fx.GraphModule, site: LinearSite, state_id: int) -> None:
+    # -- one linear -> gated_linear ------------------------------------------------------
+    def _rewrite_linear(self, gm: fx.GraphModule, site: LinearSite, state_id: int,
+                        runtime: GatedRuntime) -> None:
         g = gm.graph
-        # x @ W + b: the add carries the bias, which sparse_linear takes over.
-        replace = (site.output if op_kind(site.node) == "matmul" and site.output is not site.node
-                   else site.node)
+        replace = _replaced(site)
+        name = site.weight_name or site.node.name
         with g.inserting_before(replace):
-            wt = (g.call_function(torch.t, (site.weight,)) if site.layout == "out_in"
-                  else site.weight)
-            thr = g.call_function(torch.ops.dyncompile.gate_threshold.default,
-                                  (site.x, state_id, site.weight_name or site.node.name))
-            y = g.call_function(torch.ops.dyncompile.sparse_linear.default,
-                                (site.x, wt, site.bias, thr))
-        y.meta.update({k: v for k, v in replace.meta.items() if k in ("val", "example_value",
-                                                                       "nn_module_stack",
-                                                                       "stack_trace")})
+            wt = self._t(g, site.weight) if site.layout == "out_in" else site.weight
+            y = g.call_function(torch.ops.dyncompile.gated_linear.default,
+                                (site.x, wt, site.bias, state_id, name))
+        _copy_meta(replace, y)
         replace.replace_all_uses_with(y)
+        runtime.register(name, float(site.in_features * site.out_features),
+                         channel_weight=self._input_norms(site))
 
-    @staticmethod
-    def _input_major(site: LinearSite, index: dict[fx.Node, int], ctx: PassContext) -> None:
-        w = site.weight
-        if not (w.op == "placeholder" and is_param(w) and w in index):
-            return
-        if index[w] >= len(ctx.example_inputs):
-            return
-        p = ctx.example_inputs[index[w]]
-        if isinstance(p, torch.nn.Parameter) and p.dim() == 2 and p.stride() != (1, p.shape[0]):
-            name = placeholder_info(w)[1]
+    # -- GLU FFN -> cats_glu ---------------------------------------------------------------
+    def _rewrite_cats(self, gm: fx.GraphModule, m: _CatsMatch, state_id: int,
+                      runtime: GatedRuntime) -> None:
+        g = gm.graph
+        up, down = m.up, m.down
+        replace = _replaced(down)
+        name = down.weight_name or down.node.name
+        with g.inserting_before(replace):
+            w_up = self._t(g, up.weight) if up.layout == "in_out" else up.weight
+            w_down = self._t(g, down.weight) if down.layout == "out_in" else down.weight
+            y = g.call_function(torch.ops.dyncompile.cats_glu.default,
+                                (m.act, up.x, w_up, up.bias, w_down, down.bias, state_id, name))
+        _copy_meta(replace, y)
+        replace.replace_all_uses_with(y)
+        d, hid, out = up.in_features, up.out_features, down.out_features
+        cost = float(2 * d * hid + hid * out)
+        runtime.register(name, cost, fixed=d * hid / cost,
+                         channel_weight=self._input_norms(down))
 
-            def convert(p: torch.nn.Parameter = p) -> None:
-                if p.stride() != (1, p.shape[0]):
-                    with torch.no_grad():
-                        p.data = p.data.t().contiguous().t()
+    def _input_norms(self, site: LinearSite) -> torch.Tensor | None:
+        """Squared norm of each input channel's weights (the row the kernel reads)."""
+        p = self._weights.param(site.weight)
+        if p is None or p.dim() != 2:
+            return None
+        with torch.no_grad():
+            return p.float().square().sum(0 if site.layout == "out_in" else 1)
 
-            ctx.after_first_call.append(convert)
-            ctx.log.append(f"gated: {name} -> input-major after the first call")
+    def _t(self, g: fx.Graph, weight: fx.Node) -> fx.Node:
+        return self._weights.transposed(g, weight, self.name)

@@ -1,0 +1,160 @@
+"""CPU kernel of cats_glu: only the hidden channels some token keeps are touched.
+
+In the decode regime (few tokens, a sparse union of kept channels) a C++
+kernel walks the union once: for each kept channel j it computes
+``u[t, j] = x[t] . w_up[j]`` for the tokens that keep j, then adds
+``a[t, j] * u[t, j] * w_down_t[j]`` into the token's output (private
+accumulators per thread, torch's thread pool). Both weight rows are
+contiguous. Otherwise two dense GEMMs on the masked activations.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+log = logging.getLogger("dyncompile")
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+// Returns (y, union of kept channels, kept (token, channel) pairs, sparse path taken).
+std::tuple<torch::Tensor, int64_t, int64_t, bool> cats_glu_fwd(
+    torch::Tensor a, torch::Tensor x, torch::Tensor w_up, torch::Tensor b_up,
+    torch::Tensor w_down_t, torch::Tensor b_down, double threshold,
+    int64_t max_tokens, double max_active) {
+  TORCH_CHECK(a.dim() == 2 && x.dim() == 2 && a.size(0) == x.size(0));
+  TORCH_CHECK(w_up.size(0) == a.size(1) && w_up.size(1) == x.size(1));
+  TORCH_CHECK(w_down_t.size(0) == a.size(1));
+  a = a.contiguous();
+  x = x.contiguous();
+  const int64_t n = a.size(0), hid = a.size(1), d = x.size(1), out = w_down_t.size(1);
+  const bool has_bu = b_up.defined() && b_up.numel() == hid;
+  const bool has_bd = b_down.defined() && b_down.numel() == out;
+  const float thr = static_cast<float>(threshold);
+  const float* ap = a.data_ptr<float>();
+  auto am_t = torch::empty({n, hid}, a.options());
+  float* amp = am_t.data_ptr<float>();
+  std::vector<uint8_t> on(static_cast<size_t>(hid), 0);
+  int64_t pairs = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t j = 0; j < hid; ++j) {
+      const float v = ap[t * hid + j];
+      const bool keep = std::fabs(v) >= thr;
+      amp[t * hid + j] = keep ? v : 0.0f;
+      pairs += keep;
+      on[j] |= keep;
+    }
+  }
+  std::vector<int64_t> idx;
+  idx.reserve(hid);
+  for (int64_t j = 0; j < hid; ++j) if (on[j]) idx.push_back(j);
+  const int64_t k = static_cast<int64_t>(idx.size());
+  if (n > max_tokens || k > max_active * hid || !w_up.is_contiguous() ||
+      !w_down_t.is_contiguous()) {
+    auto u = has_bu ? at::addmm(b_up, x, w_up.t()) : at::mm(x, w_up.t());
+    auto h = am_t * u;
+    auto y = has_bd ? at::addmm(b_down, h, w_down_t) : at::mm(h, w_down_t);
+    return std::make_tuple(y, k, pairs, false);
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* up = w_up.data_ptr<float>();
+  const float* dp = w_down_t.data_ptr<float>();
+  const float* bup = has_bu ? b_up.data_ptr<float>() : nullptr;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                   (k + 31) / 32));
+  std::vector<float> acc(static_cast<size_t>(threads) * n * out, 0.0f);
+  at::parallel_for(0, threads, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t tid = c0; tid < c1; ++tid) {
+      const int64_t r0 = k * tid / threads, r1 = k * (tid + 1) / threads;
+      float* acc_t = acc.data() + static_cast<size_t>(tid) * n * out;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t j = idx[r];
+        const float* wu = up + j * d;
+        const float* wd = dp + j * out;
+        for (int64_t t = 0; t < n; ++t) {
+          const float c = amp[t * hid + j];
+          if (c == 0.0f) continue;
+          const float* xr = xp + t * d;
+          float s = 0.0f;
+          #pragma GCC ivdep
+          for (int64_t i = 0; i < d; ++i) s += xr[i] * wu[i];
+          const float h = c * (s + (bup ? bup[j] : 0.0f));
+          float* yr = acc_t + t * out;
+          #pragma GCC ivdep
+          for (int64_t o = 0; o < out; ++o) yr[o] += h * wd[o];
+        }
+      }
+    }
+  });
+  auto y = torch::empty({n, out}, a.options());
+  float* yp = y.data_ptr<float>();
+  const float* bdp = has_bd ? b_down.data_ptr<float>() : nullptr;
+  const int64_t total = n * out;
+  at::parallel_for(0, total, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      float s = bdp ? bdp[e % out] : 0.0f;
+      for (int64_t th = 0; th < threads; ++th) s += acc[static_cast<size_t>(th) * total + e];
+      yp[e] = s;
+    }
+  });
+  return std::make_tuple(y, k, pairs, true);
+}
+"""
+
+_lock = threading.Lock()
+_module = None
+_failed = False
+
+
+def _load():
+    global _module, _failed
+    if _module is not None or _failed:
+        return _module
+    with _lock:
+        if _module is None and not _failed:
+            try:
+                from torch.utils.cpp_extension import load_inline
+
+                os.environ.setdefault("MAX_JOBS", "2")
+                _module = load_inline(
+                    name="dyncompile_cats_glu_v1", cpp_sources=[_SOURCE],
+                    functions=["cats_glu_fwd"],
+                    extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
+            except Exception as e:  # noqa: BLE001  (no compiler: use the torch fallback)
+                log.warning("dyncompile: cats_glu C++ kernel unavailable (%s); "
+                            "using the torch fallback", e)
+                _failed = True
+    return _module
+
+
+def _contiguous_or_empty(t: torch.Tensor | None) -> torch.Tensor:
+    return t.contiguous().float() if t is not None else torch.empty(0)
+
+
+def cats_glu_cpu(a: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | None,
+                 w_down_t: torch.Tensor, b_down: torch.Tensor | None, threshold: float,
+                 max_tokens: int, max_active: float) -> tuple[torch.Tensor, int, int, bool]:
+    """(y [N, D_out], union of kept channels, kept pairs, sparse path taken?) for 2-D a and x."""
+    mod = _load()
+    if mod is not None and all(t.dtype == torch.float32 for t in (a, x, w_up, w_down_t)):
+        y, k, pairs, sparse = mod.cats_glu_fwd(a, x, w_up, _contiguous_or_empty(b_up), w_down_t,
+                                               _contiguous_or_empty(b_down), threshold,
+                                               max_tokens, max_active)
+        return y, int(k), int(pairs), bool(sparse)
+    from .reference import cats_glu_reference
+
+    mask = a.abs() >= threshold
+    y = cats_glu_reference(a, x, w_up, b_up, w_down_t, b_down, threshold)
+    return y, int(mask.any(0).sum()), int(mask.sum()), False
+
+
+def kernel_available() -> bool:
+    return _load() is not None

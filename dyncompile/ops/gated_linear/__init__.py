@@ -1,0 +1,1 @@
+"""``dyncompile::gated_linear``: sparse_linear, threshold read from the budget at run time."""
