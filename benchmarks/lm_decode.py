@@ -1,12 +1,14 @@
-"""Decode speed of the project's LM: gated form at several budgets vs dense, same run.
+"""Decode speed of the project's LM: a form at several budgets vs dense, same run.
 
 Both models go through Hugging Face ``generate()`` (greedy, KV cache) with their
 ``forward`` compiled: dense with the default ``torch.compile`` backend, gated
-with ``backend="dyn"`` and ``methods=["gated"]`` (calibrated on the LM
+with ``backend="dyn"`` and the method given (``gated`` by default; form
+options as in ``dyncompile bench``, e.g. ``gated:glu=cats``; calibrated on the LM
 workload's calibration batches). Calls are interleaved, the median of repeats
 is kept, 2 threads.
 
-    python benchmarks/lm_decode.py [--budgets 1.0,0.5] [--new-tokens 64] [--repeats 5]
+    python benchmarks/lm_decode.py [--method gated] [--budgets 1.0,0.5] [--new-tokens 64]
+                                   [--repeats 5]
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import torch
 import dyncompile
 from dyncompile.backend import dyn_backend
 from dyncompile.eval.lm import PAD, LMWorkload, encode, load_lm
+from dyncompile.eval.sweep import parse_method
 from dyncompile.eval.timing import device_info, time_interleaved
 from dyncompile.runtime.budget import BudgetState
 
 
-def run(budgets: list[float], new_tokens: int, repeats: int, prompt_len: int) -> dict[str, Any]:
+def run(budgets: list[float], new_tokens: int, repeats: int, prompt_len: int,
+        method: str = "gated") -> dict[str, Any]:
+    form, opts = parse_method(method)
     torch.set_num_threads(2)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     base = load_lm()
@@ -36,7 +41,8 @@ def run(budgets: list[float], new_tokens: int, repeats: int, prompt_len: int) ->
     dense.forward = torch.compile(dense.forward)
     state = BudgetState(1.0)
     gated.forward = torch.compile(gated.forward, backend=functools.partial(
-        dyn_backend, options={"methods": ["gated"], "state": state}))
+        dyn_backend, options={"methods": [form], "state": state,
+                              "form_options": {form: opts} if opts else {}}))
     state.calibrating = True
     with torch.no_grad():
         for batch in workload.calibration():
@@ -57,14 +63,14 @@ def run(budgets: list[float], new_tokens: int, repeats: int, prompt_len: int) ->
 
     fns = {"dense": lambda: gen(dense)}
     for b in budgets:
-        fns[f"gated@{b}"] = lambda b=b: gen(gated, b)
+        fns[f"{method}@{b}"] = lambda b=b: gen(gated, b)
     with torch.no_grad():
         same = torch.equal(gen(dense), gen(gated, 1.0))
     compiles = dyncompile.compile_count()
     t = time_interleaved(fns, repeats=repeats, warmup=2)
     tokens_s = {k: new_tokens / v for k, v in t.items()}
-    return {"meta": {**device_info(), "new_tokens": new_tokens, "prompt_len": prompt_len,
-                     "repeats": repeats},
+    return {"meta": {**device_info(), "method": method, "new_tokens": new_tokens,
+                     "prompt_len": prompt_len, "repeats": repeats},
             "greedy_equal_at_budget_1": same,
             "recompiles_while_timing": dyncompile.compile_count() - compiles,
             "tokens_per_s": tokens_s,
@@ -73,6 +79,7 @@ def run(budgets: list[float], new_tokens: int, repeats: int, prompt_len: int) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="gated")
     ap.add_argument("--budgets", default="1.0,0.5")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -80,7 +87,7 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/lm_decode.json")
     args = ap.parse_args()
     res = run([float(b) for b in args.budgets.split(",")], args.new_tokens, args.repeats,
-              args.prompt_len)
+              args.prompt_len, args.method)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k != "meta"}, indent=2))

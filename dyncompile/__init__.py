@@ -11,6 +11,7 @@ from .config import DynConfig, known_methods
 from .errors import TraceError
 from .runtime.budget import budget
 from .runtime.module import DynModule
+from .runtime.persist import load
 from .runtime.stats import CallStats, compile_count, last_call
 
 __version__ = "0.1.0"
@@ -27,5 +28,6 @@ __all__ = [
     "inspect",
     "known_methods",
     "last_call",
+    "load",
     "optimize",
 ]

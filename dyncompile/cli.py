@@ -35,10 +35,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import known_methods
+    from .config import DynConfig, known_methods
     from .eval import report
     from .eval.registry import workload_names
-    from .eval.sweep import run_sweep, save
+    from .eval.sweep import parse_method, run_sweep, save
 
     workloads = args.workloads.split(",") if args.workloads else workload_names()
     for w in workloads:
@@ -46,9 +46,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown workload {w!r}; known: {', '.join(workload_names())}")
     methods = args.methods.split(",") if args.methods else known_methods()
     for m in methods:
-        if m not in known_methods():
-            known = ", ".join(known_methods()) or "none registered yet"
-            raise SystemExit(f"unknown method {m!r}; known: {known}")
+        try:
+            form, opts = parse_method(m)
+            DynConfig(methods=[form], form_options={form: opts} if opts else {})
+        except ValueError as e:
+            raise SystemExit(f"bad method {m!r}: {e}") from None
     try:
         budgets = tuple(float(b) for b in args.budgets.split(","))
     except ValueError:
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="sweep methods x budgets x workloads against dense")
     b.add_argument("--quick", action="store_true", help="tiny settings (CI)")
     b.add_argument("--workloads", default="", help="comma list: minilm,classifier,lm (all)")
-    b.add_argument("--methods", default="", help="comma list of forms (all registered)")
+    b.add_argument("--methods", default="", help="comma list of forms (all registered); options as "
+                   "form:key=value+key=value, e.g. gated:glu=cats")
     b.add_argument("--budgets", default="1.0,0.75,0.5,0.3,0.2")
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--repeats", type=int, default=None, help="timing repeats per point")

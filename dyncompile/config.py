@@ -75,8 +75,13 @@ def validate_form_options(form_options: Any) -> None:
         for key, value in opts.items():
             if key not in allowed:
                 raise ValueError(f"unknown {form} option {key!r}; allowed: {sorted(allowed)}")
-            if allowed[key] is not None and value not in allowed[key]:
-                raise ValueError(f"{form} option {key}={value!r}; allowed: {allowed[key]}")
+            rule = allowed[key]
+            if callable(rule):
+                problem = rule(value)
+                if problem:
+                    raise ValueError(f"{form} option {key}={value!r}: {problem}")
+            elif rule is not None and value not in rule:
+                raise ValueError(f"{form} option {key}={value!r}; allowed: {rule}")
 
 
 @dataclass(frozen=True)

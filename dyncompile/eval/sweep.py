@@ -78,6 +78,23 @@ def _timing(workload: Workload, dense_compiled: Callable, candidate: Callable, r
     return lat, dense_lat, speed
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"gated:glu=cats+allocation=greedy"`` -> ("gated", {"glu": "cats", ...}).
+
+    A method is a form name, optionally with form options after a colon
+    (``key=value`` pairs joined by ``+``; integer values become ints). The
+    full spec is the method's label in results, tables and plots.
+    """
+    name, _, rest = spec.partition(":")
+    opts: dict[str, Any] = {}
+    for item in filter(None, rest.split("+")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method {spec!r}: options are key=value pairs joined by '+'")
+        opts[key] = int(value) if value.isdigit() else value
+    return name, opts
+
+
 def run_sweep(workloads: list[str | Workload], methods: list[str], budgets: tuple[float, ...] =
               DEFAULT_BUDGETS, quick: bool = False, timing: bool = True,
               repeats: int | None = None, seed: int = 0, progress: bool = True,
@@ -127,7 +144,9 @@ def run_sweep(workloads: list[str | Workload], methods: list[str], budgets: tupl
                               speed))
         bar.update(1)
         for method in methods:
-            opt = optimize(dense, methods=[method], calibration=w.calibration())
+            form, opts = parse_method(method)
+            opt = optimize(dense, methods=[form], calibration=w.calibration(),
+                           form_options={form: opts} if opts else None)
             for b in budgets:
                 bar.set_postfix_str(f"{name}: {method} @ {b}")
                 rec = _Recorder(opt)

@@ -26,6 +26,13 @@ class PassContext:
     after_first_call: list[Callable[[], None]] = field(default_factory=list)
 
 
+def positive_int(value: Any) -> str | None:
+    """Option rule: a positive int, or None for the default."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return None
+    return "must be a positive int"
+
+
 class Pass:
     """A graph pass: ``name``, ``version`` and ``run(gm, ctx)``.
 
@@ -35,9 +42,12 @@ class Pass:
 
     name: str = "pass"
     version: str = "1"
-    #: A form's options and their allowed values (first = default); checked by DynConfig.
-    #: A value of ``None`` accepts anything (numbers, say).
-    options: dict[str, tuple | None] = {}
+    #: A form's options: a tuple of allowed values (first = default), a function
+    #: returning a complaint (or None) for a value, or None (anything); checked by DynConfig.
+    options: dict[str, Any] = {}
+    #: A form's run-time data class (thresholds, routers...): ``runtime()`` builds an empty
+    #: one, ``export()`` / ``restore(tensors, meta, model)`` save and load it.
+    runtime: type | None = None
 
     def __init__(self, config: DynConfig) -> None:
         self.config = config

@@ -45,6 +45,15 @@ class DynModule(nn.Module):
         except (TypeError, ValueError):  # pragma: no cover
             pass
 
+    def save(self, path: Any) -> Any:
+        """Write what calibration fitted (and the config) to the folder ``path``.
+
+        ``dyncompile.load(model, path)`` rebuilds the same optimized model.
+        """
+        from .persist import save
+
+        return save(self, path)
+
     @property
     def budget(self) -> float:
         """Default budget of this model's calls, a fraction of dense FLOPs in (0, 1]."""

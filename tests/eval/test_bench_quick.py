@@ -42,5 +42,9 @@ def test_bench_rejects_bad_arguments():
         main(["bench", "--workloads", "nope"])
     with pytest.raises(SystemExit, match="unknown method"):
         main(["bench", "--methods", "nope"])
+    with pytest.raises(SystemExit, match="allocation"):
+        main(["bench", "--methods", "gated:allocation=best"])
+    with pytest.raises(SystemExit, match="key=value"):
+        main(["bench", "--methods", "gated:cats"])
     with pytest.raises(SystemExit, match="budgets"):
         main(["bench", "--budgets", "0.5,2"])

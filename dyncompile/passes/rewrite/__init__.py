@@ -23,4 +23,4 @@ def register_form(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-from . import gated  # noqa: E402,F401  (registers the form)
+from . import expert, gated  # noqa: E402,F401  (registers the forms)

@@ -27,6 +27,7 @@ contiguous row and no weight is ever copied per call.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from torch import fx
@@ -130,8 +131,24 @@ class GatedRuntime:
                                "batches through optimize(..., calibration=...) first")
         return value
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.tables.items()}
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{s}/table": t for s, t in self.tables.items()}
+        tensors.update({f"{s}/errors": e for s, e in self.errors.items()})
+        meta = {"allocation": self.allocation,
+                "costs": {s: [c.cost, c.fixed] for s, c in self.costs.items()}}
+        return tensors, meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                model: torch.nn.Module) -> None:
+        self.allocation = meta["allocation"]
+        self.costs = {s: SiteCost(*c) for s, c in meta["costs"].items()}
+        for key, t in tensors.items():
+            site, kind = key.rsplit("/", 1)
+            (self.tables if kind == "table" else self.errors)[site] = t.double()
+        if self.allocation == "greedy":
+            self.path = GreedyPath({s: self.costs.get(s, SiteCost()) for s in self.errors},
+                                   self.errors, ERROR_LEVELS)
+        self._cache.clear()
 
 
 def _options(ctx: PassContext) -> dict[str, str]:
@@ -189,6 +206,7 @@ class GatedForm(Pass):
     name = "gated"
     version = "2"
     options = OPTIONS
+    runtime = GatedRuntime
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         assert ctx.blocks is not None and ctx.state is not None

@@ -1,0 +1,125 @@
+"""Expert form on CPU: MiniLM's FFN alone and the whole model, against dense, same run.
+
+The FFN is MiniLM's layer-0 FFN (384 -> 1536 -> 384, GELU), fed the hidden
+states it sees on real text; the whole model is all-MiniLM-L6-v2. Both are
+calibrated on the harness's calibration sentences, compiled by the ``dyn``
+backend (Inductor) with ``methods=["expert"]``, and timed interleaved with the
+dense module under the default ``torch.compile`` backend: median of repeats,
+2 threads, at 1x128 and 32x128 tokens, budgets 0.25 / 0.5 / 0.75. The
+runtime's spent FFN fraction (router included) is reported next to each time.
+
+    python benchmarks/expert_speed.py [--repeats 20] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import dyncompile
+from dyncompile.eval.corpus import splits
+from dyncompile.eval.minilm import _exact_length_batch, load_tokenizer, tokenize
+from dyncompile.eval.timing import device_info, time_interleaved
+from dyncompile.runtime.module import call_batch
+from dyncompile.testing.zoo import load_minilm
+
+BUDGETS = (0.75, 0.5, 0.25)
+SHAPES = ((1, 128), (32, 128))
+
+
+class FFN(nn.Module):
+    """One BERT-style FFN: down(gelu(up(x)))."""
+
+    def __init__(self, up: nn.Linear, down: nn.Linear) -> None:
+        super().__init__()
+        self.up, self.down = up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def _ffn_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Inputs of layer 0's FFN on these batches (captured once with a hook)."""
+    seen: list[torch.Tensor] = []
+    layer = model.encoder.layer[0]
+    handle = layer.intermediate.dense.register_forward_hook(
+        lambda mod, args, out: seen.append(args[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    handle.remove()
+    return seen
+
+
+def run(repeats: int) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    torch._dynamo.config.recompile_limit = 64
+    tok = load_tokenizer()
+    s = splits()
+    cal_texts = [x.text for x in s.calibration]
+    cal = [tokenize(tok, cal_texts[i * 32:(i + 1) * 32]) for i in range(8)]
+    timing = {f"{b}x{n}": _exact_length_batch(tok, cal_texts, b, n) for b, n in SHAPES}
+    rows: list[dict[str, Any]] = []
+
+    base = load_minilm()
+    layer = base.encoder.layer[0]
+    ffn = FFN(copy.deepcopy(layer.intermediate.dense), copy.deepcopy(layer.output.dense)).eval()
+    ffn_cal = [(x,) for x in _ffn_inputs(base, cal)]
+    ffn_timing = {k: (_ffn_inputs(base, [v])[0],) for k, v in timing.items()}
+    cases = [("ffn", ffn, ffn_cal, ffn_timing), ("minilm", load_minilm(), cal, timing)]
+    for what, model, calib, inputs in cases:
+        dense = torch.compile(model)
+        opt = dyncompile.optimize(model, methods=["expert"], calibration=calib)
+        for label, batch in inputs.items():
+            reps = repeats if label.startswith("1x") else max(3, repeats // 4)
+            fns = {"dense": lambda b=batch, d=dense: call_batch(d, b)}
+            spent = {}
+            for b in BUDGETS:
+                def call(b: float = b, batch: Any = batch, opt: Any = opt) -> Any:
+                    with dyncompile.budget(b):
+                        return call_batch(opt, batch)
+                with torch.no_grad():
+                    call()
+                    spent[b] = opt.stats.ratio("expert_compute")
+                fns[f"b{b}"] = call
+            with torch.no_grad():
+                t = time_interleaved(fns, repeats=reps, warmup=2)
+            for b in BUDGETS:
+                rows.append({"what": what, "shape": label, "budget": b,
+                             "spent_ffn": spent[b], "dense_ms": 1e3 * t["dense"],
+                             "ms": 1e3 * t[f"b{b}"], "speedup": t["dense"] / t[f"b{b}"]})
+                print(rows[-1], flush=True)
+    return {"meta": {**device_info(), "repeats": repeats}, "rows": rows}
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = ["| what | tokens | budget | FFN compute spent | dense ms | expert ms | speedup |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        spent = f"{r['spent_ffn']:.3f}" if r["spent_ffn"] is not None else "-"
+        lines.append(f"| {r['what']} | {r['shape']} | {r['budget']} | {spent} | "
+                     f"{r['dense_ms']:.2f} | {r['ms']:.2f} | {r['speedup']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--json", default="benchmarks/results/expert_speed.json")
+    args = ap.parse_args()
+    res = run(args.repeats)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    print(table(res))
+    m = res["meta"]
+    print(f"\n{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}, {m['date']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Registration of ``torch.ops.dyncompile.expert_ffn``.
+
+CPU: for few fp32 tokens the fused C++ kernel (each selected expert's weight
+rows read once); when every token picks the same experts, matmuls on the
+selected slices for all tokens at once; otherwise tokens grouped by expert,
+unless one dense FFN with the unselected units zeroed is faster (see
+``cpu.choose_path``: the choice is made per call from the actual mask). CUDA:
+the Triton kernels. Both report the FLOPs they skipped to
+``dyncompile.runtime.stats``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...runtime import stats as _stats
+from .cpu import expert_ffn_cpu
+from .reference import check_args, expert_ffn_reference, selected_units
+
+
+@torch.library.custom_op("dyncompile::expert_ffn", mutates_args=())
+def expert_ffn(x: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | None,
+               w_gate: torch.Tensor | None, b_gate: torch.Tensor | None,
+               w_down_t: torch.Tensor, b_down: torch.Tensor | None, mask: torch.Tensor,
+               activation: str) -> torch.Tensor:
+    """FFN over the experts each token selects; w_up/w_gate [H, D], w_down_t [H, D_out].
+
+    ``mask`` [N, E] (bool) selects, per flattened token, the experts whose hidden
+    slices ``[e*H//E, (e+1)*H//E)`` are kept; see ``reference.py``.
+    """
+    return expert_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask,
+                                activation)
+
+
+@expert_ffn.register_fake
+def _(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation):
+    check_args(x, w_up, w_gate, w_down_t, mask, activation)
+    return x.new_empty(*x.shape[:-1], w_down_t.shape[1])
+
+
+def _flops_per_unit(w_up, w_gate, w_down_t) -> float:
+    """FLOPs one (token, hidden unit) pair costs: up (and gate) dot, down axpy."""
+    return 2.0 * w_up.shape[1] * (2 if w_gate is not None else 1) + 2.0 * w_down_t.shape[1]
+
+
+@expert_ffn.register_kernel("cpu")
+def _cpu(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation):
+    check_args(x, w_up, w_gate, w_down_t, mask, activation)
+    hidden, d = w_up.shape
+    n_out = w_down_t.shape[1]
+    x2 = x.reshape(-1, d)
+    n, n_exp = mask.shape
+    y, pairs, units, _ = expert_ffn_cpu(x2, w_up, b_up, w_gate, b_gate, w_down_t, b_down,
+                                        mask.to(torch.bool), activation)
+    per_unit = _flops_per_unit(w_up, w_gate, w_down_t)
+    _stats.record_ratio("active_experts", pairs, n * n_exp)
+    # What the routing selected (the budget's measure), whichever path ran it.
+    _, chosen = selected_units(mask, hidden)
+    _stats.record_ratio("expert_compute", per_unit * chosen, per_unit * n * hidden)
+    _stats.record_saving(per_unit * (n * hidden - units))
+    return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
+
+
+@expert_ffn.register_kernel("cuda")
+def _cuda(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation):  # pragma: no cover
+    from .triton import expert_ffn_triton
+
+    check_args(x, w_up, w_gate, w_down_t, mask, activation)
+    n, n_exp = mask.shape
+    # Reading the counts back syncs once per call (the kernel syncs for the pair count anyway).
+    pairs, units = selected_units(mask, w_up.shape[0])
+    per_unit = _flops_per_unit(w_up, w_gate, w_down_t)
+    _stats.record_saving(per_unit * (n * w_up.shape[0] - units))
+    _stats.record_ratio("expert_compute", per_unit * units, per_unit * n * w_up.shape[0])
+    _stats.record_ratio("active_experts", pairs, n * n_exp)
+    return expert_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation)
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, mask, activation = inputs
+    ctx.save_for_backward(*tensors, mask)
+    ctx.activation = activation
+
+
+def _backward(ctx, grad):
+    # Through the reference (dense, masked): simple and exact, not a fast path.
+    *tensors, mask = ctx.saved_tensors
+    live = [i for i, t in enumerate(tensors) if t is not None]
+
+    def f(*args):
+        full = list(tensors)
+        for i, a in zip(live, args):
+            full[i] = a
+        return expert_ffn_reference(*full, mask, ctx.activation)
+
+    _, vjp = torch.func.vjp(f, *(tensors[i] for i in live))
+    grads: list[torch.Tensor | None] = [None] * (len(tensors) + 2)  # + mask, activation
+    for i, g in zip(live, vjp(grad)):
+        grads[i] = g
+    return tuple(grads)
+
+
+expert_ffn.register_autograd(_backward, setup_context=_setup_context)

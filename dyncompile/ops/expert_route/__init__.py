@@ -1,0 +1,1 @@
+"""``dyncompile::expert_route``: which experts each token runs under the budget in force."""

@@ -1,0 +1,253 @@
+"""expert_ffn: kernels equal the reference on odd shapes; opcheck; stats; interpreter test."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dyncompile.ops.expert_ffn.op  # noqa: F401  (registers the op)
+from dyncompile.ops.expert_ffn.cpu import PATHS, choose_path, expert_ffn_cpu, kernel_available
+from dyncompile.ops.expert_ffn.reference import (
+    ACTIVATIONS,
+    expert_bounds,
+    expert_ffn_reference,
+    expert_widths,
+)
+from dyncompile.runtime import stats
+
+op = torch.ops.dyncompile.expert_ffn
+
+D, H, E, D_OUT = 37, 53, 5, 29  # H not divisible by E, D_out != D
+
+
+def _case(tokens, glu=False, bias=True, seed=0, d=D, hidden=H, d_out=D_OUT):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=g)
+    w_up = torch.randn(hidden, d, generator=g) / d ** 0.5
+    b_up = torch.randn(hidden, generator=g) if bias else None
+    w_gate = torch.randn(hidden, d, generator=g) / d ** 0.5 if glu else None
+    b_gate = torch.randn(hidden, generator=g) if glu and bias else None
+    w_down_t = torch.randn(hidden, d_out, generator=g) / hidden ** 0.5
+    b_down = torch.randn(d_out, generator=g) if bias else None
+    return [x, w_up, b_up, w_gate, b_gate, w_down_t, b_down]
+
+
+def _mask(tokens, experts=E, p=0.4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(tokens, experts, generator=g) < p
+    m[:, 1] = False  # an expert no token picks
+    if tokens > 1:
+        m[0] = True  # a token that picks every expert
+        m[-1] = False  # a token that picks none
+    return m
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_bounds():
+    assert expert_bounds(53, 5) == [(0, 10), (10, 21), (21, 31), (31, 42), (42, 53)]
+    assert sum(expert_widths(53, 5)) == 53 and expert_widths(3, 5) == [0, 1, 0, 1, 1]
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 7, 64])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cpu_kernel_matches_reference(tokens, glu, bias, activation):
+    args = _case(tokens, glu, bias)
+    m = _mask(tokens)
+    _close(op(*args, m, activation), expert_ffn_reference(*args, m, activation))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 7, 64])
+@pytest.mark.parametrize("glu", [False, True])
+def test_every_cpu_path_matches_reference(tokens, glu):
+    args = _case(tokens, glu)
+    shared = torch.tensor([[True, True, False, False, True]]).expand(tokens, E)
+    for m in (_mask(tokens), shared, torch.zeros(tokens, E, dtype=torch.bool)):
+        ref = expert_ffn_reference(*args, m, "gelu")
+        same_rows = bool((m == m[:1]).all())
+        for path in PATHS:
+            if path == "shared" and not same_rows:
+                with pytest.raises(ValueError, match="same experts"):
+                    expert_ffn_cpu(*args, m, "gelu", path)
+                continue
+            y, pairs, units, taken = expert_ffn_cpu(*args, m, "gelu", path)
+            assert taken == path and pairs == int(m.sum())
+            _close(y, ref)
+
+
+def test_choose_path():
+    assert choose_path(1, 32, 1536, 32, True, True) == "fused"
+    assert choose_path(16, 32, 1536, 16 * 8, False, True) == "fused"
+    assert choose_path(16, 32, 1536, 16 * 16, False, True) == "dense"
+    assert choose_path(1, 32, 1536, 8, True, False) == "shared"
+    assert choose_path(4096, 16, 1536, 4096 * 4, False, True) == "grouped"
+    assert choose_path(4096, 16, 1536, 4096 * 8, False, True) == "dense"  # too dense
+    assert choose_path(4096, 16, 3072, 4096 * 8, False, True) == "grouped"  # wider experts
+    assert choose_path(64, 16, 1536, 64 * 4, False, True) == "dense"  # too few tokens
+
+
+def test_leading_dims_and_noncontiguous_weights():
+    x, wu, bu, wg, bg, wdt, bd = _case(6, glu=True)
+    x3 = x.reshape(2, 3, D)
+    m = _mask(6)
+    # Transposed views: the kernels take any strides.
+    args = (x3, wu.t().contiguous().t(), bu, wg, bg, wdt.t().contiguous().t(), bd)
+    out = op(*args, m, "silu")
+    assert out.shape == (2, 3, D_OUT)
+    _close(out, expert_ffn_reference(x3, wu, bu, wg, bg, wdt, bd, m, "silu"))
+
+
+def test_token_with_no_expert_gets_b_down():
+    args = _case(3)
+    _close(op(*args, torch.zeros(3, E, dtype=torch.bool), "relu"), args[6].expand(3, D_OUT))
+    args = _case(7)
+    _close(op(*args, _mask(7), "relu")[-1], args[6])  # the mask's last token picks none
+
+
+def test_fewer_hidden_units_than_experts():
+    args = _case(5, glu=True, hidden=3)  # widths [0, 1, 0, 1, 1]
+    m = torch.rand(5, E, generator=torch.Generator().manual_seed(3)) < 0.6
+    ref = expert_ffn_reference(*args, m, "silu")
+    for path in ("fused", "grouped", "grouped_torch", "dense"):
+        _close(expert_ffn_cpu(*args, m, "silu", path)[0], ref)
+    _close(op(*args, m, "silu"), ref)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("glu", [False, True])
+def test_all_experts_is_the_dense_ffn(tokens, glu):
+    x, wu, bu, wg, bg, wdt, bd = _case(tokens, glu)
+    if glu:
+        dense = F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wdt.t(), bd)
+        act = "silu"
+    else:
+        dense = F.linear(F.gelu(F.linear(x, wu, bu)), wdt.t(), bd)
+        act = "gelu"
+    _close(op(x, wu, bu, wg, bg, wdt, bd, torch.ones(tokens, E, dtype=torch.bool), act), dense)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bfloat16_input(path):
+    args = [t.bfloat16() if t is not None else None for t in _case(9, glu=True)]
+    m = _mask(9) if path != "shared" else torch.tensor([[True, False, True, True, False]] * 9)
+    y, *_ = expert_ffn_cpu(*args, m, "gelu_tanh", path)
+    ref = expert_ffn_reference(*[t.float() if t is not None else None for t in args], m,
+                               "gelu_tanh")
+    torch.testing.assert_close(y, ref, atol=3e-2, rtol=3e-2)
+    out = op(*args, m, "gelu_tanh")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_bad_arguments():
+    args = _case(2)
+    with pytest.raises(ValueError, match="unknown activation"):
+        op(*args, _mask(2), "swish")
+    with pytest.raises(ValueError, match="mask"):
+        op(*args, torch.ones(3, E, dtype=torch.bool), "relu")
+
+
+def test_cpp_kernel_builds():
+    assert kernel_available(), "C++ expert kernel did not build (is a compiler installed?)"
+
+
+def test_reports_skipped_flops():
+    x, wu, bu, wg, bg, wdt, bd = _case(3, glu=True)
+    m = _mask(3)
+    widths = torch.tensor(expert_widths(H, E), dtype=torch.float64)
+    kept = float(m.double().sum(0) @ widths) / (3 * H)
+    for path in ("fused", "grouped", "grouped_torch"):
+        *_, units, taken = expert_ffn_cpu(x, wu, bu, wg, bg, wdt, bd, m, "gelu", path)
+        assert taken == path and units / (3 * H) == pytest.approx(kept)
+    dense = 3 * (2.0 * D * H * 2 + 2.0 * H * D_OUT)
+    token = stats.begin_call(0.5)
+    stats.record_graph(dense, 0.5)
+    op(x, wu, bu, wg, bg, wdt, bd, m, "gelu")
+    s = stats.end_call(token)
+    assert s.spent_flops == pytest.approx(kept * dense)
+    assert s.fraction == pytest.approx(kept)
+    assert s.ratio("active_experts") == pytest.approx(float(m.float().mean()))
+
+
+def test_opcheck():
+    plain = _case(3)
+    glu = _case(4, glu=True, bias=False)
+    glu[0] = glu[0].reshape(2, 2, D)
+    for args, m, act in [(plain, _mask(3), "gelu"), (glu, _mask(4), "silu")]:
+        torch.library.opcheck(op, (*args, m, act))
+    grad_args = [t.clone().requires_grad_() if t is not None else None for t in _case(3)]
+    torch.library.opcheck(op, (*grad_args, _mask(3), "tanh"))
+
+
+def test_compiles_without_graph_break():
+    x, wu, bu, wg, bg, wdt, bd = _case(2)
+    m = _mask(2)
+
+    def f(x, m):
+        return op(torch.relu(x), wu, bu, wg, bg, wdt, bd, m, "gelu") * 2
+
+    counter = torch._dynamo.testing.CompileCounter()
+    cf = torch.compile(f, backend=counter, fullgraph=True)
+    for mm in (m, ~m, torch.ones_like(m)):
+        _close(cf(x, mm), f(x, mm))
+    assert counter.frame_count == 1
+
+
+_INTERPRET = r"""
+import torch
+from dyncompile.ops.expert_ffn.triton import expert_ffn_triton
+from dyncompile.ops.expert_ffn.reference import expert_ffn_reference, ACTIVATIONS
+g = torch.Generator().manual_seed(0)
+D, E, D_OUT = 37, 5, 29
+cases = [(1, False, "gelu", 53), (7, True, "silu", 53), (7, False, "gelu_tanh", 53),
+         (1, True, "tanh", 53), (3, False, "sigmoid", 53), (3, True, "relu", 53),
+         (2, False, "identity", 53), (5, True, "gelu", 3)]  # H=3 < E: experts of width 0
+for tokens, glu, act, H in cases:
+    x = torch.randn(tokens, D, generator=g)
+    wu = torch.randn(H, D, generator=g) / 6
+    bu = torch.randn(H, generator=g)
+    wg = torch.randn(H, D, generator=g) / 6 if glu else None
+    bg = torch.randn(H, generator=g) if glu else None
+    wdt = torch.randn(D_OUT, H, generator=g).t() / 7  # a strided view
+    bd = torch.randn(D_OUT, generator=g)
+    m = torch.rand(tokens, E, generator=g) < 0.5
+    m[:, 2] = False  # an empty expert
+    m[0, 0] = True
+    if tokens > 2:
+        m[1] = True
+        m[2] = False
+    for dt, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+        args = [t.to(dt) if t is not None else None for t in (x, wu, bu, wg, bg, wdt, bd)]
+        y = expert_ffn_triton(*args, m, act, block_m=16, block_h=16, block_d=32, block_n=32,
+                              block_k=16)
+        ref = expert_ffn_reference(x, wu, bu, wg, bg, wdt, bd, m, act)
+        assert y.dtype == dt
+        assert torch.allclose(y.float(), ref, atol=tol, rtol=tol), (tokens, act, dt,
+                                                                   (y.float() - ref).abs().max())
+print("ok")
+"""
+
+
+def test_triton_kernel_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_kernel_on_gpu(dtype):
+    args = [t.cuda().to(dtype) if t is not None else None for t in _case(70, glu=True,
+                                                                         d=300, hidden=520)]
+    m = _mask(70, experts=16).cuda()
+    ref = expert_ffn_reference(*[t.float() if t is not None else None for t in args], m, "gelu")
+    torch.testing.assert_close(op(*args, m, "gelu").float(), ref, atol=3e-2, rtol=3e-2)
