@@ -83,6 +83,15 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
         finally:
             state.calibrating = False
         state.finalize_calibration()
+
+        def run_at(value: float) -> None:
+            from .runtime.budget import budget
+
+            with torch.no_grad(), budget(value):
+                state.sync()
+                gm(*example_inputs)
+
+        state.refine_calibration(run_at)
     if config.compiler == "eager":
         compiled = gm.forward
     else:

@@ -76,6 +76,17 @@ class BudgetState:
             if hasattr(rt, "finalize"):
                 rt.finalize()
 
+    def refine_calibration(self, run_at: Callable[[float], None]) -> None:
+        """Let forms that need it re-fit on the calibration data run at given budgets.
+
+        ``run_at(b)`` runs the calibration inputs with budget ``b`` in force; a
+        form's ``refine(run_at)`` records what its ops see under its own
+        approximations (inputs shift once earlier layers are sparse).
+        """
+        for rt in self.forms.values():
+            if hasattr(rt, "refine"):
+                rt.refine(run_at)
+
     def form(self, name: str, factory: Callable[[], Any]) -> Any:
         """The runtime data of one form (thresholds, routers...), created on first use."""
         if name not in self.forms:

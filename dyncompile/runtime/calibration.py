@@ -53,8 +53,9 @@ class RowSample:
         self.gen = torch.Generator().manual_seed(seed)
 
     def add(self, gate: torch.Tensor, value: torch.Tensor) -> None:
-        g = gate.detach().reshape(-1, gate.shape[-1]).float().cpu()
-        v = value.detach().reshape(-1, value.shape[-1]).float().cpu()
+        # Copies: under Inductor an op's input buffers are reused after the call.
+        g = gate.detach().reshape(-1, gate.shape[-1]).to("cpu", torch.float32, copy=True)
+        v = value.detach().reshape(-1, value.shape[-1]).to("cpu", torch.float32, copy=True)
         if self.gate is not None:
             g, v = torch.cat([self.gate, g]), torch.cat([self.value, v])
         if g.shape[0] > self.capacity:

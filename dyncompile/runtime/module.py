@@ -106,6 +106,15 @@ class DynModule(nn.Module):
             self.state.calibrating = False
         self.state.finalize_calibration()
 
+        def run_at(value: float) -> None:
+            from .budget import budget
+
+            with torch.no_grad(), budget(value):
+                for batch in batches:
+                    call_batch(self, batch)
+
+        self.state.refine_calibration(run_at)
+
 
 def call_batch(fn: Any, batch: Any) -> Any:
     if isinstance(batch, dict):

@@ -166,3 +166,33 @@ def test_bad_options_are_clear_errors(opts, match):
     with pytest.raises(ValueError, match=match):
         dyncompile.optimize(entry.build(), methods=["expert"], compiler="eager",
                             form_options={"expert": opts})
+
+
+class _TwoBlocks(torch.nn.Module):
+    """Pre-norm residual FFNs: their inputs are intermediate buffers under Inductor."""
+
+    def __init__(self, d=16, h=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.up1, self.down1 = torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+        self.up2, self.down2 = torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+
+    def forward(self, x):
+        x = x + self.down1(torch.nn.functional.gelu(self.up1(self.ln1(x))))
+        return x + self.down2(torch.nn.functional.gelu(self.up2(self.ln2(x))))
+
+
+def test_inductor_fit_equals_eager_fit():
+    """Calibration samples must be copies: Inductor reuses an op's input buffers."""
+    torch.manual_seed(1)
+    cal = [(torch.randn(4, 8, 16),) for _ in range(3)]
+    fits = []
+    for compiler in ("eager", "inductor"):
+        opt = dyncompile.optimize(_TwoBlocks().eval(), methods=["expert"], calibration=cal,
+                                  compiler=compiler, form_options=SMALL)
+        fits.append({n: (s.perm, s.curve) for n, s in opt.state.forms["expert"].sites.items()})
+    assert fits[0].keys() == fits[1].keys() and len(fits[0]) == 2
+    for name, (perm, curve) in fits[0].items():
+        assert torch.equal(perm, fits[1][name][0])
+        torch.testing.assert_close(curve, fits[1][name][1], atol=1e-4, rtol=0)

@@ -62,6 +62,7 @@ OPTIONS: dict[str, Any] = {
     "layout": ("input_major", "as_is"),
 }
 _POINTWISE = {"activation", "arith", "cast", "dropout", "view"}
+REFINE_BUDGETS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class ExpertSite:
     curve: torch.Tensor | None = None
     perm: torch.Tensor | None = None
     router_error: float = float("nan")
+    offsets: torch.Tensor | None = None   # [G, 2]: (budget, tau correction) under sparsity
 
     @property
     def widths(self) -> list[int]:
@@ -105,6 +107,7 @@ class ExpertRuntime:
         self.sites: dict[str, ExpertSite] = {}
         self.samples: dict[str, list[torch.Tensor]] = {}
         self._tau: dict[float, dict[str, float]] = {}
+        self._recording: dict[str, list[torch.Tensor]] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -118,7 +121,8 @@ class ExpertRuntime:
         self.sites[site.name] = site
 
     def observe(self, site: str, x: torch.Tensor) -> None:
-        self.samples.setdefault(site, []).append(x.detach().float().cpu())
+        # A copy: under Inductor the op's input buffer is reused after the call.
+        self.samples.setdefault(site, []).append(x.detach().to("cpu", torch.float32, copy=True))
 
     # -- fitting ------------------------------------------------------------------------
     def finalize(self) -> None:
@@ -156,10 +160,18 @@ class ExpertRuntime:
             w_down = site.canonical("w_down").float()
             target = torch.stack([(h[:, lo:hi] @ w_down[lo:hi]).norm(dim=1)
                                   for lo, hi in _bounds(site.widths)], dim=1)
+        # Held-out tokens (a quarter) for the curve and the router's error: on its own
+        # training tokens the router is sharper than on new ones, and tau would be too low.
+        order = torch.randperm(x.shape[0], generator=gen)
+        n_hold = max(1, x.shape[0] // 4) if x.shape[0] > 1 else 0
+        hold, train = order[:n_hold], order[n_hold:] if n_hold < x.shape[0] else order
         width = int(self.options.get("router_hidden") or min(128, max(8, x.shape[1] // 2)))
-        router, err = train_router(x, target, width, int(self.options.get("router_steps") or 400))
+        router, _ = train_router(x[train], target[train], width,
+                                 int(self.options.get("router_steps") or 400))
         with torch.no_grad():
-            scores = router(x)
+            scores = router(x[hold])
+            t = target[hold]
+            err = float((scores - t).square().mean() / t.square().mean().clamp_min(1e-12))
         site.router, site.router_error, site.perm = router, err, perm
         site.curve = compute_curve(scores, site.widths, router.flops(), site.unit_flops())
 
@@ -172,6 +184,40 @@ class ExpertRuntime:
                     continue
                 axis = site.params[role][1]
                 p.data.copy_(p.data.index_select(axis, perm.to(p.device)))
+
+    def refine(self, run_at: Any) -> None:
+        """Correct each FFN's tau for the inputs it sees once earlier FFNs are sparse.
+
+        The first curve is measured on dense-model inputs; under a budget, the
+        FFNs upstream change each FFN's inputs and its router picks more
+        experts. For each budget in REFINE_BUDGETS the calibration data runs
+        with that budget in force, the routers' scores are recorded, and the
+        tau that spends the budget on those scores gives a correction, kept
+        as an offset to the first curve's tau (linear between budgets).
+        """
+        from tqdm.auto import tqdm
+
+        todo = [s for s in self.sites.values() if s.router is not None and s.offsets is None]
+        if not todo:
+            return
+        points: dict[str, list[tuple[float, float]]] = {s.name: [] for s in todo}
+        for b in tqdm(REFINE_BUDGETS, desc="dyncompile: fitting tau under sparsity",
+                      leave=False, unit="budget"):
+            self._recording = {}
+            try:
+                run_at(b)
+                seen = self._recording
+            finally:
+                self._recording = None
+            for s in todo:
+                if seen.get(s.name):
+                    curve = compute_curve(torch.cat(seen[s.name]), s.widths, s.router.flops(),
+                                          s.unit_flops())
+                    points[s.name].append((b, _tau_for(curve, b) - _tau_for(s.curve, b)))
+        for s in todo:
+            s.offsets = torch.tensor(sorted(points[s.name]) or [(1.0, 0.0)],
+                                     dtype=torch.float64)
+        self._tau.clear()
 
     # -- run time -----------------------------------------------------------------------
     def tau(self, site: str, budget: float) -> float:
@@ -186,7 +232,8 @@ class ExpertRuntime:
             curve = self.sites[site].curve
             if curve is None:
                 raise RuntimeError(f"expert: FFN {site!r} was not calibrated")
-            value = per[site] = _tau_for(curve, budget)
+            value = _tau_for(curve, budget) + _offset(self.sites[site].offsets, budget)
+            value = per[site] = min(max(value, 0.0), 1.0)
         return value
 
     def route(self, site: str, x: torch.Tensor, budget: float) -> torch.Tensor:
@@ -198,6 +245,8 @@ class ExpertRuntime:
         s.router = router
         with torch.no_grad():
             scores = router(x.to(router.fc1.weight.dtype))
+        if self._recording is not None:
+            self._recording.setdefault(site, []).append(scores.detach().float().cpu().clone())
         n = x.shape[0]
         _stats.record_saving(-router.flops() * n)
         _stats.record_ratio("expert_compute", router.flops() * n, 0.0)
@@ -214,6 +263,8 @@ class ExpertRuntime:
                 tensors[f"{name}/router.{k}"] = v
             tensors[f"{name}/curve"] = s.curve
             tensors[f"{name}/perm"] = s.perm
+            if s.offsets is not None:
+                tensors[f"{name}/offsets"] = s.offsets
             meta["sites"][name] = {"experts": s.experts, "hidden": s.hidden,
                                    "activation": s.activation, "glu": s.glu,
                                    "params": s.params, "router_error": s.router_error,
@@ -235,6 +286,7 @@ class ExpertRuntime:
                                     if k.startswith(f"{name}/router.")})
             site.router = router.eval().requires_grad_(False)
             site.curve, site.perm = tensors[f"{name}/curve"], tensors[f"{name}/perm"]
+            site.offsets = tensors.get(f"{name}/offsets")
             self._permute(site, site.perm)
             self.sites[name] = site
         self._tau.clear()
@@ -246,6 +298,22 @@ def _bounds(widths: list[int]) -> list[tuple[int, int]]:
         out.append((lo, lo + w))
         lo += w
     return out
+
+
+def _offset(offsets: torch.Tensor | None, budget: float) -> float:
+    """The tau correction at ``budget``: linear between fitted budgets, 0 at budget 1."""
+    if offsets is None or not len(offsets):
+        return 0.0
+    pts = [(float(b), float(o)) for b, o in offsets]
+    if pts[-1][0] < 1.0:
+        pts.append((1.0, 0.0))
+    if budget <= pts[0][0]:
+        return pts[0][1]
+    for (b0, o0), (b1, o1) in zip(pts, pts[1:], strict=False):
+        if budget <= b1:
+            w = (budget - b0) / (b1 - b0) if b1 > b0 else 1.0
+            return o0 + w * (o1 - o0)
+    return 0.0
 
 
 def _tau_for(curve: torch.Tensor, budget: float) -> float:
