@@ -63,6 +63,13 @@ def test_cpp_kernel_builds_and_matches():
     y, k, pairs, skipped = sparse_linear_cpu(x, wt, b, 0.5, 16, 0.85)
     assert not skipped
     torch.testing.assert_close(y, sparse_linear_reference(x, wt, b, 0.5), atol=1e-5, rtol=1e-5)
+    # few tokens with a full union: the row walk still runs when rows_always allows it
+    x, wt, b = _case(4, 65, 33)
+    y, k, _, skipped = sparse_linear_cpu(x, wt, b, 1e-6, 16, 0.85, rows_always=8)
+    assert skipped and k == 65
+    torch.testing.assert_close(y, sparse_linear_reference(x, wt, b, 1e-6), atol=1e-5, rtol=1e-5)
+    assert not sparse_linear_cpu(x, wt, b, 1e-6, 16, 0.85)[3]
+    x, wt, b = _case(40, 65, 33)
     # a non-contiguous weight view is accepted (dense path)
     y, *_ = sparse_linear_cpu(x[:2], wt.t().contiguous().t(), b, 0.5, 16, 0.85)
     torch.testing.assert_close(y, sparse_linear_reference(x[:2], wt, b, 0.5), atol=1e-5,

@@ -28,7 +28,7 @@ _SOURCE = r"""
 // Returns (y, union of active channels, active (token, channel) pairs, sparse path taken).
 std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
     torch::Tensor x, torch::Tensor wt, torch::Tensor bias, double threshold,
-    int64_t max_tokens, double max_active) {
+    int64_t max_tokens, double max_active, int64_t rows_always) {
   TORCH_CHECK(x.dim() == 2 && wt.dim() == 2 && x.size(1) == wt.size(0));
   TORCH_CHECK(x.scalar_type() == at::kFloat && wt.scalar_type() == at::kFloat);
   x = x.contiguous();
@@ -55,7 +55,8 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
   idx.reserve(in);
   for (int64_t i = 0; i < in; ++i) if (on[i]) idx.push_back(i);
   const int64_t k = static_cast<int64_t>(idx.size());
-  if (n > max_tokens || k > max_active * in || !wt.is_contiguous()) {
+  // Up to rows_always tokens the row walk beats a GEMM even with every row active.
+  if (n > max_tokens || (k > max_active * in && n > rows_always) || !wt.is_contiguous()) {
     auto y = has_bias ? at::addmm(bias, kept_t, wt) : at::mm(kept_t, wt);
     return std::make_tuple(y, k, pairs, false);
   }
@@ -133,7 +134,7 @@ def _load():
 
                 os.environ.setdefault("MAX_JOBS", "2")
                 _module = load_inline(
-                    name="dyncompile_sparse_linear_v5", cpp_sources=[_SOURCE],
+                    name="dyncompile_sparse_linear_v6", cpp_sources=[_SOURCE],
                     functions=["sparse_linear_fwd"],
                     extra_cflags=["-O3", "-march=native"], verbose=False)
             except Exception as e:  # noqa: BLE001  (no compiler: use the torch fallback)
@@ -144,24 +145,26 @@ def _load():
 
 
 def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                      threshold: float, max_tokens: int,
-                      max_active: float) -> tuple[torch.Tensor, int, int, bool]:
+                      threshold: float, max_tokens: int, max_active: float,
+                      rows_always: int = 0) -> tuple[torch.Tensor, int, int, bool]:
     """(y, union of active channels, active (token, channel) pairs, rows skipped?).
 
     Skips rows when there are at most ``max_tokens`` tokens and the union of
-    active channels is at most ``max_active`` of the width; otherwise runs one
-    dense GEMM on the masked input.
+    active channels is at most ``max_active`` of the width (or there are at
+    most ``rows_always`` tokens, where walking the rows beats a GEMM even when
+    all are active); otherwise runs one dense GEMM on the masked input.
     """
     mod = _load() if x2d.dtype == torch.float32 and weight_t.dtype == torch.float32 else None
     if mod is not None:
         y, k, pairs, sparse = mod.sparse_linear_fwd(
             x2d, weight_t, bias if bias is not None else torch.empty(0), threshold,
-            max_tokens, max_active)
+            max_tokens, max_active, rows_always)
         return y, int(k), int(pairs), bool(sparse)
     mask = x2d.abs() >= threshold
     on = mask.any(0)
     k, pairs = int(on.sum()), int(mask.sum())
-    if x2d.shape[0] <= max_tokens and k <= max_active * x2d.shape[1]:
+    if x2d.shape[0] <= max_tokens and (k <= max_active * x2d.shape[1]
+                                       or x2d.shape[0] <= rows_always):
         idx = on.nonzero().flatten()
         y = (x2d * mask).index_select(1, idx) @ weight_t.index_select(0, idx)
         y = y + bias if bias is not None else y

@@ -18,6 +18,9 @@ from .cpu import sparse_linear_cpu
 # a union of active channels well below the full width.
 SPARSE_MAX_TOKENS = 16
 SPARSE_MAX_ACTIVE = 0.85
+# Up to this many tokens the row walk over an input-major weight beats a GEMM
+# even with every row active (measured: 4 tokens, 768 -> 3072, 0.6 of F.linear's time).
+SPARSE_ALWAYS_TOKENS = 8
 
 
 @torch.library.custom_op("dyncompile::sparse_linear", mutates_args=())
@@ -48,7 +51,7 @@ def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
         spent = dense
     else:
         y, k, pairs, skipped = sparse_linear_cpu(x2, weight_t, bias, thr, SPARSE_MAX_TOKENS,
-                                                 SPARSE_MAX_ACTIVE)
+                                                 SPARSE_MAX_ACTIVE, SPARSE_ALWAYS_TOKENS)
         spent = 2.0 * n * k * n_out if skipped else dense
     _stats.record_ratio("active_channels", pairs, n * n_in)
     _stats.record_saving(dense - spent)
