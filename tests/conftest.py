@@ -32,3 +32,22 @@ def capture_graphs(model, inputs, fn=None):
     with torch.no_grad():
         call_batch(torch.compile(model, backend=backend), inputs)
     return out
+
+
+@pytest.fixture
+def dyncompile_log():
+    """Messages logged on the "dyncompile" logger during the test (pytest's logging
+    plugin is off, so caplog is not available)."""
+    import logging
+
+    messages: list[str] = []
+
+    class _Records(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = _Records()
+    logger = logging.getLogger("dyncompile")
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)

@@ -10,13 +10,9 @@ contiguous. Otherwise two dense GEMMs on the masked activations.
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-
 import torch
 
-log = logging.getLogger("dyncompile")
+from ..cpp_extension import InlineExtension
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -137,30 +133,9 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> cats_glu_fwd(
 }
 """
 
-_lock = threading.Lock()
-_module = None
-_failed = False
+_EXT = InlineExtension("dyncompile_cats_glu_v2", _SOURCE, ["cats_glu_fwd"],
+                       ("-O3", "-march=native", "-ffast-math"))
 
-
-def _load():
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    with _lock:
-        if _module is None and not _failed:
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                os.environ.setdefault("MAX_JOBS", "2")
-                _module = load_inline(
-                    name="dyncompile_cats_glu_v2", cpp_sources=[_SOURCE],
-                    functions=["cats_glu_fwd"],
-                    extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
-            except Exception as e:  # noqa: BLE001  (no compiler: use the torch fallback)
-                log.warning("dyncompile: cats_glu C++ kernel unavailable (%s); "
-                            "using the torch fallback", e)
-                _failed = True
-    return _module
 
 
 def _contiguous_or_empty(t: torch.Tensor | None) -> torch.Tensor:
@@ -171,7 +146,7 @@ def cats_glu_cpu(a: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, b_up: tor
                  w_down_t: torch.Tensor, b_down: torch.Tensor | None, threshold: float,
                  max_tokens: int, max_active: float) -> tuple[torch.Tensor, int, int, bool]:
     """(y [N, D_out], union of kept channels, kept pairs, sparse path taken?) for 2-D a and x."""
-    mod = _load()
+    mod = _EXT.load()
     if mod is not None and all(t.dtype == torch.float32 for t in (a, x, w_up, w_down_t)):
         y, k, pairs, sparse = mod.cats_glu_fwd(a, x, w_up, _contiguous_or_empty(b_up), w_down_t,
                                                _contiguous_or_empty(b_down), threshold,
@@ -185,4 +160,4 @@ def cats_glu_cpu(a: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, b_up: tor
 
 
 def kernel_available() -> bool:
-    return _load() is not None
+    return _EXT.available()

@@ -23,16 +23,11 @@ The C++ kernels are built on first use with ``torch.utils.cpp_extension.load_inl
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-
 import torch
 import torch.nn.functional as F
 
+from ..cpp_extension import InlineExtension
 from .reference import ACTIVATIONS, expert_bounds, hidden_mask
-
-log = logging.getLogger("dyncompile")
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -249,34 +244,14 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_grouped(
 }
 """
 
-_lock = threading.Lock()
-_module = None
-_failed = False
+_EXT = InlineExtension("dyncompile_expert_ffn_v5", _SOURCE,
+                       ["expert_ffn_fwd", "expert_ffn_grouped"],
+                       ("-O3", "-march=native", "-fopenmp-simd"))
 
-
-def _load():
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    with _lock:
-        if _module is None and not _failed:
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                os.environ.setdefault("MAX_JOBS", "2")
-                _module = load_inline(
-                    name="dyncompile_expert_ffn_v5", cpp_sources=[_SOURCE],
-                    functions=["expert_ffn_fwd", "expert_ffn_grouped"],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
-            except Exception as e:  # noqa: BLE001  (no compiler: use the torch path)
-                log.warning("dyncompile: expert_ffn C++ kernel unavailable (%s); "
-                            "using the torch path", e)
-                _failed = True
-    return _module
 
 
 def kernel_available() -> bool:
-    return _load() is not None
+    return _EXT.available()
 
 
 def _act_(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -422,7 +397,7 @@ def expert_ffn_cpu(x2: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | No
     hidden, n_out = w_down_t.shape
     n_exp = mask.shape[1]
     fused_ok = _fused_ok(x2, w_up, b_up, w_gate, b_gate, w_down_t, b_down)
-    mod = _load() if path in (None, "fused", "grouped") else None
+    mod = _EXT.load() if path in (None, "fused", "grouped") else None
     pairs = None
     if path is None and 0 < n <= FUSED_MAX_WORK and fused_ok and mod is not None:
         path = "fused"  # at most n * E <= FUSED_MAX_WORK * E pairs: skip counting them

@@ -9,13 +9,9 @@ after); if no compiler is available a torch fallback gathers the active rows.
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-
 import torch
 
-log = logging.getLogger("dyncompile")
+from ..cpp_extension import InlineExtension
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -118,30 +114,9 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
 }
 """
 
-_lock = threading.Lock()
-_module = None
-_failed = False
+_EXT = InlineExtension("dyncompile_sparse_linear_v6", _SOURCE, ["sparse_linear_fwd"],
+                       ("-O3", "-march=native"))
 
-
-def _load():
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    with _lock:
-        if _module is None and not _failed:
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                os.environ.setdefault("MAX_JOBS", "2")
-                _module = load_inline(
-                    name="dyncompile_sparse_linear_v6", cpp_sources=[_SOURCE],
-                    functions=["sparse_linear_fwd"],
-                    extra_cflags=["-O3", "-march=native"], verbose=False)
-            except Exception as e:  # noqa: BLE001  (no compiler: use the torch fallback)
-                log.warning("dyncompile: sparse_linear C++ kernel unavailable (%s); "
-                            "using the torch fallback", e)
-                _failed = True
-    return _module
 
 
 def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
@@ -154,7 +129,7 @@ def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Ten
     most ``rows_always`` tokens, where walking the rows beats a GEMM even when
     all are active); otherwise runs one dense GEMM on the masked input.
     """
-    mod = _load() if x2d.dtype == torch.float32 and weight_t.dtype == torch.float32 else None
+    mod = _EXT.load() if x2d.dtype == torch.float32 and weight_t.dtype == torch.float32 else None
     if mod is not None:
         y, k, pairs, sparse = mod.sparse_linear_fwd(
             x2d, weight_t, bias if bias is not None else torch.empty(0), threshold,
@@ -173,4 +148,4 @@ def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Ten
 
 
 def kernel_available() -> bool:
-    return _load() is not None
+    return _EXT.available()

@@ -25,7 +25,6 @@ one of them stays dense (logged).
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +48,7 @@ from ..blocks import FFNBlock
 from ..graph_utils import op_kind, shape_of
 from ..linears import LinearSite
 from . import register_form
+from .splice import copy_meta, glu_product, replaced_node
 from .weights import Weights
 
 log = logging.getLogger("dyncompile")
@@ -397,28 +397,17 @@ def _match(block: FFNBlock) -> _Match | str:
         up = block.up[0]
         act = identify_activation(up.output, down.x)
         return _Match(up, None, down, act) if act else "unknown activation"
+    parts = glu_product(block)
+    if parts is None:
+        return "GLU not of the form down(act(gate(x)) * up(x))"
+    up, a = parts
     gate = block.gate
-    up = next((u for u in block.up if u is not gate), None)
-    mul = down.x
-    if gate is None or up is None or mul.target not in (operator.mul, torch.mul,
-                                                       torch.Tensor.mul):
-        return "GLU not of the form down(act(gate(x)) * up(x))"
-    args = [a for a in mul.args if isinstance(a, fx.Node)]
-    if len(args) != 2 or up.output not in args:
-        return "GLU not of the form down(act(gate(x)) * up(x))"
-    a = args[0] if args[1] is up.output else args[1]
     act = identify_activation(gate.output, a)
     if act is None:
         return "unknown activation"
     if shape_of(gate.x) != shape_of(up.x):
         return "gate and up read differently shaped inputs"
     return _Match(up, gate, down, act)
-
-
-def _replaced(site: LinearSite) -> fx.Node:
-    if op_kind(site.node) == "matmul" and site.output is not site.node:
-        return site.output
-    return site.node
 
 
 @register_form
@@ -474,7 +463,7 @@ class ExpertForm(Pass):
         runtime.register(ExpertSite(name, experts, hidden, m.activation, m.gate is not None,
                                     params, tensors))
         g = gm.graph
-        replace = _replaced(m.down)
+        replace = replaced_node(m.down)
 
         def oriented(site: LinearSite, want_out_in: bool) -> fx.Node:
             is_out_in = site.layout == "out_in"
@@ -492,7 +481,6 @@ class ExpertForm(Pass):
                                 (m.up.x, w_up, m.up.bias, w_gate,
                                  m.gate.bias if m.gate is not None else None, w_down_t,
                                  m.down.bias, mask, m.activation))
-        y.meta.update({k: v for k, v in replace.meta.items()
-                       if k in ("val", "example_value", "nn_module_stack", "stack_trace")})
+        copy_meta(replace, y)
         replace.replace_all_uses_with(y)
         return True

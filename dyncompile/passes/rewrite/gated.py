@@ -26,7 +26,6 @@ contiguous row and no weight is ever copied per call.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
@@ -38,9 +37,10 @@ from ...runtime.allocation import GreedyPath, SiteCost, uniform_sparsity
 from ...runtime.calibration import MagnitudeSample, RowSample, interpolate
 from ..base import Pass, PassContext
 from ..blocks import FFNBlock
-from ..graph_utils import op_kind, shape_of
+from ..graph_utils import shape_of
 from ..linears import LinearSite
 from . import register_form
+from .splice import copy_meta, glu_product, replaced_node
 from .weights import Weights
 
 LEVELS = torch.linspace(0.0, 0.99, 100, dtype=torch.float64)
@@ -157,18 +157,6 @@ def _options(ctx: PassContext) -> dict[str, str]:
             **ctx.config.form_options.get("gated", {})}
 
 
-def _replaced(site: LinearSite) -> fx.Node:
-    """The node whose value the rewrite replaces (x @ W + b: the add carries the bias)."""
-    if op_kind(site.node) == "matmul" and site.output is not site.node:
-        return site.output
-    return site.node
-
-
-def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
-    dst.meta.update({k: v for k, v in src.meta.items()
-                     if k in ("val", "example_value", "nn_module_stack", "stack_trace")})
-
-
 class _CatsMatch:
     """A GLU FFN in the shape CATS rewrites: down(a * up(x)) with a = act(gate(x))."""
 
@@ -182,19 +170,14 @@ class _CatsMatch:
 
 
 def _match_cats(block: FFNBlock) -> _CatsMatch | None:
-    if not block.gated or block.fused_gate_up or block.gate is None or len(block.up) != 2:
+    parts = glu_product(block)
+    if parts is None:
         return None
-    up = next(u for u in block.up if u is not block.gate)
-    mul = block.down.x if block.down is not None else None
-    if mul is None or mul.target not in (operator.mul, torch.mul, torch.Tensor.mul):
+    up, act = parts
+    mul = block.down.x
+    if len(up.output.users) != 1 or len(mul.users) != 1:
         return None
-    args = [a for a in mul.args if isinstance(a, fx.Node)]
-    if len(args) != 2 or up.output not in args or len(up.output.users) != 1:
-        return None
-    act = args[0] if args[1] is up.output else args[1]
     if shape_of(act) is None or shape_of(act) != shape_of(up.output):
-        return None
-    if len(mul.users) != 1:
         return None
     return _CatsMatch(block, up, act)
 
@@ -244,13 +227,13 @@ class GatedForm(Pass):
     def _rewrite_linear(self, gm: fx.GraphModule, site: LinearSite, state_id: int,
                         runtime: GatedRuntime) -> None:
         g = gm.graph
-        replace = _replaced(site)
+        replace = replaced_node(site)
         name = site.weight_name or site.node.name
         with g.inserting_before(replace):
             wt = self._t(g, site.weight) if site.layout == "out_in" else site.weight
             y = g.call_function(torch.ops.dyncompile.gated_linear.default,
                                 (site.x, wt, site.bias, state_id, name))
-        _copy_meta(replace, y)
+        copy_meta(replace, y)
         replace.replace_all_uses_with(y)
         runtime.register(name, float(site.in_features * site.out_features),
                          channel_weight=self._input_norms(site))
@@ -260,14 +243,14 @@ class GatedForm(Pass):
                       runtime: GatedRuntime) -> None:
         g = gm.graph
         up, down = m.up, m.down
-        replace = _replaced(down)
+        replace = replaced_node(down)
         name = down.weight_name or down.node.name
         with g.inserting_before(replace):
             w_up = self._t(g, up.weight) if up.layout == "in_out" else up.weight
             w_down = self._t(g, down.weight) if down.layout == "out_in" else down.weight
             y = g.call_function(torch.ops.dyncompile.cats_glu.default,
                                 (m.act, up.x, w_up, up.bias, w_down, down.bias, state_id, name))
-        _copy_meta(replace, y)
+        copy_meta(replace, y)
         replace.replace_all_uses_with(y)
         d, hid, out = up.in_features, up.out_features, down.out_features
         cost = float(2 * d * hid + hid * out)
