@@ -71,6 +71,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
     blocks = ctx.blocks
     cost = _DenseCost(gm, blocks.total_flops if blocks is not None else 0,
                       blocks.raw_symbols if blocks is not None else set())
+    runner = ctx.program if ctx.program is not None else gm
     pending = state.pending_calibration()
     if pending and not state.calibrating:
         log.warning("dyncompile: no calibration data for %s; calibrating on the first inputs "
@@ -79,7 +80,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
         state.calibrating = True
         try:
             with torch.no_grad():
-                gm(*example_inputs)
+                runner(*example_inputs)
         finally:
             state.calibrating = False
         state.finalize_calibration()
@@ -89,10 +90,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
 
             with torch.no_grad(), budget(value):
                 state.sync()
-                gm(*example_inputs)
+                runner(*example_inputs)
 
         state.refine_calibration(run_at)
-    if config.compiler == "eager":
+    if ctx.program is not None:
+        ctx.program.compile(config.compiler)
+        compiled = ctx.program
+    elif config.compiler == "eager":
         compiled = gm.forward
     else:
         from torch._inductor.compile_fx import compile_fx

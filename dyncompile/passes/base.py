@@ -24,6 +24,9 @@ class PassContext:
     # Run once after the compiled graph's first call (e.g. weight layout changes: doing
     # them while dynamo is still checking this frame's guards would fail them).
     after_first_call: list[Callable[[], None]] = field(default_factory=list)
+    # A form that runs the graph itself (cut into pieces) sets this: a callable over the
+    # graph's inputs, with ``compile(compiler)``; the backend then returns it.
+    program: Any = None
 
 
 def positive_int(value: Any) -> str | None:
@@ -48,6 +51,9 @@ class Pass:
     #: A form's run-time data class (thresholds, routers...): ``runtime()`` builds an empty
     #: one, ``export()`` / ``restore(tensors, meta, model)`` save and load it.
     runtime: type | None = None
+    #: True when the form needs the batch dimension traced symbolically (it changes the
+    #: number of rows between pieces); ``DynModule`` then marks dim 0 of inputs dynamic.
+    dynamic_batch: bool = False
 
     def __init__(self, config: DynConfig) -> None:
         self.config = config

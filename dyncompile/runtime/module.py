@@ -35,6 +35,11 @@ class DynModule(nn.Module):
         self.state = BudgetState(config.budget)
         self.stats = _stats.CallStats(budget=config.budget)
         self._traced = False
+        self._dynamic = dynamic
+        self._compiled_forward: Any = None
+        from ..passes.rewrite import FORMS
+
+        self._mark_batch = any(FORMS[m].dynamic_batch for m in config.methods)
         self._warned_eager = False
         options: dict[str, Any] = {**_options(config), "state": self.state}
         # Kept out of the module tree so state_dict() holds each weight once.
@@ -78,7 +83,34 @@ class DynModule(nn.Module):
                     "forms are not applied to such calls", type(self.model).__name__)
             return out
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate()`` (Hugging Face), every step through the
+        optimized graphs under the budget in force; ``opt.stats`` sums all steps."""
+        if not hasattr(self.model, "generate"):
+            raise AttributeError(f"{type(self.model).__name__} has no generate()")
+        if self._compiled_forward is None:
+            from ..backend import dyn_backend
+
+            options = {**_options(self.config), "state": self.state}
+            self._compiled_forward = torch.compile(self.model.forward, backend=dyn_backend,
+                                                   options=options, dynamic=self._dynamic)
+        had = "forward" in vars(self.model)
+        saved = vars(self.model).get("forward")
+        with self.state.lock:
+            token = _stats.begin_call(self.state.sync())
+            self.model.forward = self._compiled_forward
+            try:
+                return self.model.generate(*args, **kwargs)
+            finally:
+                if had:
+                    self.model.forward = saved
+                else:
+                    del self.model.forward
+                self.stats = _stats.end_call(token)
+
     def _call(self, *args: Any, **kwargs: Any) -> Any:
+        if self._mark_batch:
+            _mark_batch_dynamic([*args, *kwargs.values()])
         if self._traced:
             return self._compiled(*args, **kwargs)
         try:
@@ -114,6 +146,13 @@ class DynModule(nn.Module):
                     call_batch(self, batch)
 
         self.state.refine_calibration(run_at)
+
+
+def _mark_batch_dynamic(values: list[Any]) -> None:
+    """Let dynamo trace dim 0 (the batch) of the input tensors as a symbol."""
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(v, 0)
 
 
 def call_batch(fn: Any, batch: Any) -> Any:

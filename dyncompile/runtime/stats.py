@@ -16,6 +16,7 @@ class CallStats:
     budget: float = 1.0
     graphs: int = 0
     counters: dict[str, list[float]] = field(default_factory=dict)
+    last_graph_flops: float = field(default=0.0, repr=False)
 
     @property
     def fraction(self) -> float:
@@ -57,12 +58,13 @@ def record_graph(dense: float, budget: float) -> None:
     global _LAST
     stats = _CURRENT.get()
     if stats is None:  # a plain torch.compile call: each graph is its own call
-        _LAST = CallStats(dense, dense, budget, 1)
+        _LAST = CallStats(dense, dense, budget, 1, last_graph_flops=dense)
         return
     stats.dense_flops += dense
     stats.spent_flops += dense
     stats.budget = budget
     stats.graphs += 1
+    stats.last_graph_flops = dense
 
 
 def record_saving(flops: float) -> None:
@@ -70,6 +72,14 @@ def record_saving(flops: float) -> None:
     stats = _CURRENT.get()
     target = stats if stats is not None else _LAST
     target.spent_flops -= flops
+
+
+def record_saving_fraction(fraction: float) -> None:
+    """Called by a form's runtime: the graph now running skipped ``fraction`` of its dense
+    FLOPs (negative when it spent more)."""
+    stats = _CURRENT.get()
+    target = stats if stats is not None else _LAST
+    target.spent_flops -= fraction * target.last_graph_flops
 
 
 def record_ratio(name: str, num: float, den: float) -> None:

@@ -23,4 +23,4 @@ def register_form(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-from . import expert, gated  # noqa: E402,F401  (registers the forms)
+from . import early_exit, expert, gated  # noqa: E402,F401  (registers the forms)

@@ -1,0 +1,376 @@
+"""Form ``early_exit``: confidence exits on the residual stream between detected layers.
+
+The pass finds the model's main residual stream (the chain of residual blocks
+that ends at the output), takes the stream value entering each layer as an
+exit point, and cuts the graph there into segments, one per layer, plus the
+head (everything after the last layer: final norm + LM head, pooler,
+classifier, or nothing). The exit head is that same head applied to the
+intermediate state, so no model-specific code is needed:
+
+- a head that ends in logits (classifier, LM) gives a confidence signal: the
+  max softmax probability;
+- a head whose output is as wide as the stream (an embedding model) gives a
+  convergence signal: the cosine between the pooled outputs at consecutive
+  exits.
+
+Calibration runs every layer and records, at each exit, the signal and the
+quality it would have had (agreement with the full model's prediction, or the
+cosine to its output); a monotone map turns signals into predicted quality, and
+the budget picks one threshold on it from the calibration rows' mean cost.
+The cut graph runs in :mod:`dyncompile.runtime.exit_program`; each piece is
+compiled on its own, so rows can leave the batch between layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import networkx as nx
+import sympy
+import torch
+from torch import fx
+
+from ...runtime.exit_fit import QualityMap, ThresholdCurve
+from ...runtime.exit_program import CONFIDENCE, CONVERGENCE, ExitGraph, ExitRunner
+from ..base import Pass, PassContext
+from ..blocks import ResidualBlock
+from ..graph_utils import node_value, position, shape_of, sym, tensor_value, to_nx
+from ..linears import LinearSite
+from ..pieces import build_piece
+from . import register_form
+
+log = logging.getLogger("dyncompile")
+
+
+# ---------------------------------------------------------------------------- runtime
+
+
+class ExitRuntime:
+    """Calibrated exit quality maps and the budget -> threshold curve of one model."""
+
+    def __init__(self) -> None:
+        self.signals: list[torch.Tensor] = []
+        self.qualities: list[torch.Tensor] = []
+        self.costs: torch.Tensor | None = None
+        self.maps: list[QualityMap] = []
+        self.curve: ThresholdCurve | None = None
+        self.signal = ""
+        self._memo: dict[float, float] = {}
+
+    @property
+    def calibrated(self) -> bool:
+        return self.curve is not None
+
+    def observe(self, graph: ExitGraph, signals: torch.Tensor, qualities: torch.Tensor) -> None:
+        """Record one calibration call: [rows, exits] signals and qualities."""
+        if self.signals and signals.shape[1] != self.signals[0].shape[1]:
+            return  # another graph of the same model with a different depth
+        self.signals.append(signals.detach().clone())
+        self.qualities.append(qualities.detach().clone())
+        self.costs = graph.exit_cost()
+        self.signal = graph.signal
+
+    def finalize(self) -> None:
+        if not self.signals:
+            return
+        sig = torch.cat(self.signals)
+        qual = torch.cat(self.qualities)
+        self.maps = [QualityMap.fit(sig[:, k], qual[:, k]) for k in range(sig.shape[1])]
+        mapped = torch.stack([m(sig[:, k]) for k, m in enumerate(self.maps)], 1)
+        assert self.costs is not None
+        self.curve = ThresholdCurve.fit(mapped, self.costs)
+        self.signals, self.qualities = [], []
+        self._memo.clear()
+        log.info("early_exit: calibrated %d exits on %d rows", sig.shape[1], sig.shape[0])
+
+    def quality(self, k: int, signal: torch.Tensor) -> torch.Tensor:
+        """Predicted quality at exit ``k`` (1-based) for these signals."""
+        return self.maps[k - 1](signal)
+
+    def threshold(self, budget: float) -> float:
+        if self.curve is None:
+            raise RuntimeError("early_exit: not calibrated; pass calibration batches to "
+                               "dyncompile.optimize()")
+        t = self._memo.get(budget)
+        if t is None:
+            t = self._memo[budget] = self.curve.threshold(budget)
+        return t
+
+    def expected_fraction(self, budget: float) -> float:
+        """Cost fraction the calibration rows spend at ``budget``."""
+        assert self.curve is not None
+        return self.curve.fraction(budget)
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        assert self.curve is not None
+        tensors = {"thresholds": self.curve.thresholds, "fractions": self.curve.fractions}
+        for k, m in enumerate(self.maps):
+            tensors[f"edges.{k}"] = m.edges
+            tensors[f"values.{k}"] = m.values
+        return tensors, {"exits": len(self.maps), "signal": self.signal}
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                model: torch.nn.Module) -> None:
+        self.maps = [QualityMap(tensors[f"edges.{k}"], tensors[f"values.{k}"])
+                     for k in range(int(meta["exits"]))]
+        self.curve = ThresholdCurve(tensors["thresholds"], tensors["fractions"])
+        self.signal = meta.get("signal", "")
+        self._memo.clear()
+
+
+# ---------------------------------------------------------------------------- graph side
+
+
+def stream_chain(residuals: list[ResidualBlock], g: nx.DiGraph) -> list[ResidualBlock]:
+    """The residual blocks of the main stream, in order: walking back from the last
+    residual add, each step takes the latest residual whose add feeds the skip input."""
+    if not residuals:
+        return []
+    chain = [max(residuals, key=lambda r: position(r.add))]
+    while True:
+        skip = chain[-1].skip
+        anc = nx.ancestors(g, skip) | {skip}
+        prev = [r for r in residuals if r.add in anc and r not in chain]
+        if not prev:
+            break
+        chain.append(max(prev, key=lambda r: position(r.add)))
+    chain.reverse()
+    return chain
+
+
+def _follow(start: fx.Node, like: list[fx.Node]) -> fx.Node | None:
+    """Walk from ``start`` through users with the same targets as the path ``like``."""
+    cur = start
+    for step in like:
+        nxt = [u for u in cur.users if u.op == step.op and u.target == step.target]
+        if len(nxt) != 1:
+            return None
+        cur = nxt[0]
+    return cur
+
+
+def exit_points(residuals: list[ResidualBlock], attention_names: set[str],
+                g: nx.DiGraph) -> tuple[list[fx.Node], str]:
+    """Stream values b_0 (entering the first layer) .. b_{L-1}, then the final state f.
+
+    A layer starts at each residual of the stream whose branch holds attention
+    (every residual if none does). For a post-norm stack the final state is
+    reached from the last add by the same ops that lead from each layer's last
+    add to the next layer's input. Returns ([], reason) when there is no stack.
+    """
+    chain = stream_chain(residuals, g)
+    starts = [r for r in chain if set(r.contains) & attention_names] or chain
+    if len(starts) < 2:
+        return [], f"{len(starts)} layer(s) on the residual stream"
+    stream = [r.skip for r in starts]
+    last = chain[-1].add
+    # The ops between a layer's last add and the next layer's input (post-norm).
+    before = chain[chain.index(starts[1]) - 1]
+    final = last
+    if before.add is not starts[1].skip:
+        try:
+            path = nx.shortest_path(g, before.add, starts[1].skip)
+        except nx.NetworkXNoPath:
+            return [], "the stream between layers is not a path"
+        nodes = [n for n in path[1:]]
+        final = _follow(last, nodes) or last
+    stream.append(final)
+    return stream, ""
+
+
+def _carries_data(node: fx.Node) -> bool:
+    v = node_value(node)
+    if isinstance(v, (tuple, list)):
+        return any(isinstance(x, torch.Tensor) for x in v)
+    return isinstance(v, torch.Tensor)
+
+
+def data_descendants(start: fx.Node) -> set[fx.Node]:
+    """Nodes whose tensor values depend on ``start``'s values (not only on its dtype,
+    device or shape: the walk stops at nodes that produce no tensor)."""
+    seen = {start}
+    todo = [start]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in seen and _carries_data(u):
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _clean_cuts(gm: fx.GraphModule, stream: list[fx.Node]) -> list[int]:
+    """Indices k >= 1 of stream values that cut the graph cleanly: nothing after b_k
+    reads a stream-derived tensor from before it, other than b_k itself."""
+    derived = data_descendants(stream[0])
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    good = []
+    for k in range(1, len(stream) - 1):
+        b = stream[k]
+        ok = True
+        for n in nodes[pos[b] + 1:]:
+            if n.op == "output":
+                continue
+            for u in n.all_input_nodes:
+                if pos[u] < pos[b] and u in derived and tensor_value(u) is not None:
+                    ok = False
+                    break
+            if not ok:
+                break
+        if ok:
+            good.append(k)
+    return good
+
+
+def _is_batch(node: fx.Node, batch: sympy.Expr, inputs_derived: set[fx.Node]) -> bool:
+    val = tensor_value(node)
+    if val is None or val.dim() < 1:
+        return False
+    if sym(val.shape[0]) != batch:
+        return False
+    if isinstance(batch, sympy.Integer):
+        return node in inputs_derived
+    return True
+
+
+def _linear_cost(nodes: list[fx.Node], linears: dict[fx.Node, LinearSite]) -> float:
+    return float(sum(2 * linears[n].in_features * linears[n].out_features
+                     for n in nodes if n in linears))
+
+
+@register_form
+class EarlyExitForm(Pass):
+    """Cut the graph at its layer boundaries and let rows exit where the head is sure."""
+
+    name = "early_exit"
+    version = "1"
+    options: dict[str, Any] = {}
+    runtime = ExitRuntime
+    dynamic_batch = True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        assert ctx.blocks is not None and ctx.state is not None
+        graph = self.plan(gm, ctx)
+        if isinstance(graph, str):
+            ctx.log.append(f"early_exit: left dense ({graph})")
+            return
+        runtime = ctx.state.form(self.name, ExitRuntime)
+        ctx.program = ExitRunner(graph, runtime, ctx.state)
+        gm.meta["dyn_exit_graph"] = graph
+        ctx.log.append(f"early_exit: {graph.exits} exit(s), {graph.signal} signal"
+                       f"{', per token' if graph.token_level else ''}")
+
+    def plan(self, gm: fx.GraphModule, ctx: PassContext) -> ExitGraph | str:
+        """Cut ``gm`` for early exit, or say why it cannot be."""
+        blocks = ctx.blocks
+        assert blocks is not None
+        g = to_nx(gm.graph)
+        attention = {b.name for b in blocks.attention}
+        stream, why = exit_points(blocks.residual, attention, g)
+        if not stream:
+            return why
+        good = _clean_cuts(gm, stream)
+        stream = [stream[0], *[stream[k] for k in good], stream[-1]]
+        if len(stream) < 3:
+            return "no layer boundary cuts the graph cleanly"
+        nodes = list(gm.graph.nodes)
+        pos = {n: i for i, n in enumerate(nodes)}
+        out_node = gm.graph.output_node()
+        raw = out_node.args[0]
+        outputs = list(raw) if isinstance(raw, (tuple, list)) else [raw]
+        out_set = {o for o in outputs if isinstance(o, fx.Node)}
+        body = [n for n in nodes if n.op not in ("placeholder", "output", "get_attr")]
+        cuts = [pos[b] for b in stream[1:]]  # segment j ends at stream[j + 1]
+        seg_nodes: list[list[fx.Node]] = [[] for _ in cuts]
+        head_nodes: list[fx.Node] = []
+        for n in body:
+            j = next((i for i, c in enumerate(cuts) if pos[n] <= c), None)
+            (head_nodes if j is None else seg_nodes[j]).append(n)
+        later: list[set[fx.Node]] = []
+        acc: set[fx.Node] = set(head_nodes) | {out_node}
+        for j in reversed(range(len(cuts))):
+            later.append(set(acc))
+            acc |= set(seg_nodes[j])
+        later.reverse()
+        f = stream[-1]
+        segments = []
+        for j, ns in enumerate(seg_nodes):
+            wanted = [n for n in ns if any(u in later[j] for u in n.users)]
+            if j == 0:
+                wanted.append(stream[0])
+            segments.append(build_piece(gm, f"segment{j}", ns, wanted))
+        head_out = [o for o in outputs if isinstance(o, fx.Node) and
+                    (o in set(head_nodes) or o is f)]
+        head = build_piece(gm, "head", head_nodes, head_out)
+        # Graph outputs made inside a layer (a decoder's cache) need filling for exited rows.
+        fills: list[Any] = []
+        first_seg = set(seg_nodes[0])
+        for j, ns in enumerate(seg_nodes):
+            made = [n for n in ns if n in out_set and n is not stream[j + 1]]
+            if j == 0 or not made:
+                fills.append(None)
+                continue
+            anc: set[fx.Node] = set()
+            for m in made:
+                anc |= nx.ancestors(g, m) | {m}
+            part = [n for n in ns if n in anc]
+            piece = build_piece(gm, f"fill{j}", part, made)
+            bad = [u for u in piece.inputs if u.op not in ("placeholder", "get_attr")
+                   and u is not stream[j] and u not in first_seg]
+            if bad:
+                return f"layer {j} outputs read values of earlier layers ({bad[0].name})"
+            fills.append(piece)
+        # The head output that decides: the largest floating output derived from f.
+        derived = nx.descendants(g, f) | {f}
+        cands = [o for o in head_out if o in derived and tensor_value(o) is not None
+                 and tensor_value(o).is_floating_point()]
+        if not cands:
+            return "no floating output depends on the last layer"
+        primary = max(cands, key=lambda o: _numel_hint(tensor_value(o)))
+        width = shape_of(f)[-1] if shape_of(f) else None
+        pshape = shape_of(primary)
+        signal = CONVERGENCE if pshape and pshape[-1] == width else CONFIDENCE
+        token_level = signal == CONFIDENCE and pshape is not None and len(pshape) >= 3
+        # Which values carry the batch in dim 0.
+        bshape = shape_of(stream[0])
+        if not bshape:
+            return "the stream has no shape"
+        batch = sym(bshape[0])
+        user_inputs = [n for n in nodes if n.op == "placeholder" and
+                       _placeholder_kind(n) == "input"]
+        inputs_derived: set[fx.Node] = set(user_inputs)
+        for n in user_inputs:
+            inputs_derived |= nx.descendants(g, n)
+        batch_nodes = {n for n in nodes if n.op != "output" and
+                       _is_batch(n, batch, inputs_derived)}
+        batch_ints = set()
+        if not isinstance(batch, sympy.Integer):
+            for n in nodes:
+                v = node_value(n)
+                if isinstance(v, torch.SymInt) and sym(v) == batch:
+                    batch_ints.add(n)
+        linears = blocks.linears
+        return ExitGraph(
+            placeholders=[n for n in nodes if n.op == "placeholder"], outputs=outputs,
+            stream=stream, segments=segments, head=head, fills=fills, primary=primary,
+            signal=signal, batch=batch_nodes, batch_ints=batch_ints, token_level=token_level,
+            segment_cost=[_linear_cost(ns, linears) for ns in seg_nodes],
+            head_cost=_linear_cost(head_nodes, linears),
+            fill_cost=[_linear_cost(p.nodes, linears) if p is not None else 0.0
+                       for p in fills],
+            static_rows=isinstance(batch, sympy.Integer) and int(batch) > 1)
+
+
+def _numel_hint(t: torch.Tensor) -> int:
+    n = 1
+    for d in t.shape:
+        n *= d if isinstance(d, int) else 1 << 20
+    return n
+
+
+def _placeholder_kind(n: fx.Node) -> str:
+    from ..graph_utils import placeholder_info
+
+    return placeholder_info(n)[0]

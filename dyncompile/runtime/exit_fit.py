@@ -1,0 +1,108 @@
+"""Fitting for the early-exit form: calibrated exit quality and the budget's threshold.
+
+At each exit point a raw signal (max softmax of the shared head, or the cosine
+between consecutive pooled states) is mapped to the quality it predicts (how
+often the exit agrees with the full model, or the cosine of its output to the
+full output) by a monotone binned fit. One threshold on that calibrated
+quality then means the same thing at every depth; the budget picks it from the
+mean cost the rows of the calibration data would spend under it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def isotonic(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Non-decreasing least-squares fit of ``values`` (pool adjacent violators)."""
+    v = [float(x) for x in values]
+    w = [float(x) for x in weights]
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for x, wt in zip(v, w):
+        blocks.append([x, wt, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, c2 = blocks.pop()
+            m1, w1, c1 = blocks.pop()
+            tot = w1 + w2
+            blocks.append([(m1 * w1 + m2 * w2) / tot if tot else m1, tot, c1 + c2])
+    out: list[float] = []
+    for m, _, c in blocks:
+        out += [m] * int(c)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+@dataclass
+class QualityMap:
+    """Signal -> predicted quality at one exit: ``values[bucketize(signal, edges)]``."""
+
+    edges: torch.Tensor   # [bins - 1], increasing
+    values: torch.Tensor  # [bins], non-decreasing
+
+    @classmethod
+    def fit(cls, signal: torch.Tensor, target: torch.Tensor, bins: int = 16) -> QualityMap:
+        signal, target = signal.float().flatten(), target.float().flatten()
+        if signal.numel() == 0:
+            raise ValueError("no calibration samples for an exit")
+        qs = torch.linspace(0, 1, bins + 1)[1:-1]
+        edges = torch.unique(torch.quantile(signal, qs))
+        idx = torch.bucketize(signal, edges)
+        n = edges.numel() + 1
+        count = torch.bincount(idx, minlength=n).float()
+        total = torch.bincount(idx, weights=target, minlength=n)
+        mean = torch.where(count > 0, total / count.clamp_min(1), torch.nan)
+        # Empty bins take their left neighbour's value (or the first filled one).
+        filled = mean.clone()
+        last = float(mean[~mean.isnan()][0])
+        for i in range(n):
+            if torch.isnan(filled[i]):
+                filled[i] = last
+            last = float(filled[i])
+        return cls(edges, isotonic(filled, count.clamp_min(1e-6)))
+
+    def __call__(self, signal: torch.Tensor) -> torch.Tensor:
+        return self.values[torch.bucketize(signal.float(), self.edges)]
+
+
+def exit_layers(quality: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per row, the first exit (1-based) whose quality reaches ``threshold``; K + 1 if none.
+
+    ``quality`` is [N, K] (K exits, in depth order).
+    """
+    n, k = quality.shape
+    hit = quality >= threshold
+    first = torch.where(hit.any(1), hit.float().argmax(1) + 1, torch.full((n,), k + 1))
+    return first
+
+
+@dataclass
+class ThresholdCurve:
+    """Mean cost fraction of the calibration rows against the exit threshold."""
+
+    thresholds: torch.Tensor  # increasing
+    fractions: torch.Tensor   # non-decreasing in threshold
+
+    @classmethod
+    def fit(cls, quality: torch.Tensor, exit_cost: torch.Tensor) -> ThresholdCurve:
+        """``exit_cost[k - 1]`` = cost fraction of a row leaving at exit k (k = 1..K+1,
+        the last entry = running the whole model with every exit evaluated)."""
+        cands = torch.unique(quality.flatten())
+        cands = torch.cat([cands, torch.tensor([float("inf")])])
+        fr = torch.stack([exit_cost[exit_layers(quality, float(t)) - 1].mean() for t in cands])
+        fr = torch.cummax(fr, 0).values
+        return cls(cands, fr)
+
+    def threshold(self, budget: float) -> float:
+        """The highest threshold whose calibrated cost is within ``budget``; the lowest
+        threshold when even exiting as early as possible costs more."""
+        ok = (self.fractions <= budget + 1e-9).nonzero()
+        if ok.numel() == 0:
+            return float(self.thresholds[0])
+        return float(self.thresholds[int(ok[-1])])
+
+    def fraction(self, budget: float) -> float:
+        """The calibrated cost fraction at the threshold ``budget`` picks."""
+        t = self.threshold(budget)
+        i = int((self.thresholds == t).nonzero()[0])
+        return float(self.fractions[i])

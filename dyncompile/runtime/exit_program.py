@@ -1,0 +1,332 @@
+"""The early-exit runtime: runs a graph cut at its layer boundaries, piece by piece.
+
+Between layers it applies the exit head (the model's own head, on the current
+residual stream) to the rows still running, maps the head's signal to a
+calibrated quality, and lets the rows whose quality reaches the budget's
+threshold leave:
+
+- row mode (samples of an encoder or classifier, or one token per row while
+  decoding): exited rows take the head's outputs at their exit state and leave
+  the working batch, so later layers compute fewer rows; graph outputs that
+  later layers produce (a decoder's KV cache) are filled for exited rows by
+  running only the part of each later layer that produces them, on the exit
+  state (state propagation, as CALM);
+- token mode (a causal LM scoring many tokens per row): tokens freeze at their
+  exit state; later layers see the frozen state (so their keys and values come
+  from it) and the head reads it at the end. Nothing is compacted here, so the
+  FLOPs do not fall; the quality is what per-token exit gives.
+
+Calibration runs every layer for every row and records, at every exit, the
+signal and the quality it would have had.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..passes.pieces import Piece
+from . import stats as _stats
+
+log = logging.getLogger("dyncompile")
+
+CONFIDENCE = "confidence"
+CONVERGENCE = "convergence"
+
+
+@dataclass(eq=False)
+class ExitGraph:
+    """One traced graph cut for early exit (built by the ``early_exit`` pass)."""
+
+    placeholders: list[fx.Node]
+    outputs: list[Any]                 # the graph's output nodes (or constants), flat
+    stream: list[fx.Node]              # b_0 .. b_{L-1}, then the final state f
+    segments: list[Piece]              # segment j computes stream[j + 1]
+    head: Piece                        # reads f, makes the head's outputs
+    fills: list[Piece | None]          # per segment: its graph outputs, from its stream input
+    primary: fx.Node                   # head output whose signal decides exits
+    signal: str                        # CONFIDENCE or CONVERGENCE
+    batch: set[fx.Node]                # values whose dim 0 is the batch
+    batch_ints: set[fx.Node]           # SymInt values equal to the batch size
+    token_level: bool                  # primary output is per token ([B, S, V], V != width)
+    segment_cost: list[float]          # linear FLOPs per row-token of each segment
+    head_cost: float
+    fill_cost: list[float]
+    static_rows: bool = False          # batch traced as a constant > 1: all rows leave or none
+    compiled: bool = False
+    graphs: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exits(self) -> int:
+        return len(self.segments) - 1
+
+    def exit_cost(self) -> torch.Tensor:
+        """Cost fraction of a row leaving at exit k = 1..K, then of running every layer."""
+        seg = torch.tensor(self.segment_cost, dtype=torch.float64)
+        fill = torch.tensor(self.fill_cost, dtype=torch.float64)
+        dense = float(seg.sum()) + self.head_cost
+        extra_head = self.head_cost if self.signal == CONVERGENCE else 0.0
+        costs = []
+        for k in range(1, self.exits + 1):
+            costs.append(float(seg[:k].sum()) + k * self.head_cost + float(fill[k:].sum())
+                         + extra_head)
+        costs.append(dense + self.exits * self.head_cost + extra_head)
+        return torch.tensor(costs, dtype=torch.float32) / dense
+
+    def compile(self, compiler: str) -> None:
+        """Compile every piece (Inductor; batch sizes vary, so dynamo may make one
+        dynamic-shape graph per piece after the first size change)."""
+        if compiler == "eager" or self.compiled:
+            return
+        for p in [*self.segments, self.head, *[f for f in self.fills if f is not None]]:
+            if p.nodes:
+                p.fn = torch.compile(p.module, backend="inductor", dynamic=None)
+        self.compiled = True
+
+
+def _signal(g: ExitGraph, out: torch.Tensor, prev: torch.Tensor | None,
+            token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signal, summary) per row, or per token when ``token``: the summary is the
+    prediction (confidence) or the pooled output (convergence) a quality is measured on."""
+    if g.signal == CONFIDENCE:
+        logits = out.float()
+        if not token and logits.dim() > 2:
+            logits = logits[:, -1] if logits.dim() == 3 else logits.flatten(1, -2)[:, -1]
+        probs = logits.softmax(-1)
+        conf, pred = probs.max(-1)
+        return conf, pred
+    pooled = out.float().flatten(1, -2).mean(1) if out.dim() > 2 else out.float()
+    if prev is None:
+        return torch.zeros(pooled.shape[0]), pooled
+    return F.cosine_similarity(pooled, prev, dim=-1), pooled
+
+
+def _quality(g: ExitGraph, summary: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    if g.signal == CONFIDENCE:
+        return (summary == final).float()
+    return F.cosine_similarity(summary, final, dim=-1)
+
+
+def _head_at(g: ExitGraph, env: dict[fx.Node, Any], state: torch.Tensor) -> dict[fx.Node, Any]:
+    f = g.stream[-1]
+    outs = g.head.fn(*[state if n is f else env[n] for n in g.head.inputs]) \
+        if g.head.nodes else [state if o is f else env[o] for o in g.head.outputs]
+    return dict(zip(g.head.outputs, outs))
+
+
+def _rows(env: dict[fx.Node, Any], g: ExitGraph, idx: torch.Tensor) -> dict[fx.Node, Any]:
+    out = {}
+    for n, v in env.items():
+        if n in g.batch and isinstance(v, torch.Tensor):
+            out[n] = v.index_select(0, idx)
+        elif n in g.batch_ints:
+            out[n] = int(idx.numel())
+        else:
+            out[n] = v
+    return out
+
+
+class ExitRunner:
+    """Runs one :class:`ExitGraph` for a form runtime (thresholds, calibration records)."""
+
+    def __init__(self, graph: ExitGraph, runtime: Any, state: Any) -> None:
+        self.g = graph
+        self.runtime = runtime
+        self.state = state
+
+    def compile(self, compiler: str) -> None:
+        self.g.compile(compiler)
+
+    # ------------------------------------------------------------------ entry
+
+    def __call__(self, *args: Any) -> Any:
+        g = self.g
+        env: dict[fx.Node, Any] = dict(zip(g.placeholders, args))
+        value = self.state.value
+        if self.state.calibrating:
+            result = self._calibrate(env)
+        elif value >= 1.0 or g.exits < 1:
+            result = self._dense(env)
+        else:
+            threshold = self.runtime.threshold(value)
+            first = g.stream[1] if len(g.stream) > 1 else g.stream[-1]
+            g.segments[0].run(env)
+            tokens = g.token_level and env[first].dim() >= 3 and env[first].shape[1] > 1
+            result = (self._tokens(env, threshold) if tokens
+                      else self._rows_mode(env, threshold))
+        return result
+
+    def _outputs(self, env: dict[fx.Node, Any]) -> list[Any]:
+        return [env[o] if isinstance(o, fx.Node) else o for o in self.g.outputs]
+
+    def _dense(self, env: dict[fx.Node, Any]) -> list[Any]:
+        for seg in self.g.segments:
+            seg.run(env)
+        self.g.head.run(env)
+        return self._outputs(env)
+
+    # ------------------------------------------------------------ calibration
+
+    def _calibrate(self, env: dict[fx.Node, Any]) -> list[Any]:
+        g = self.g
+        g.segments[0].run(env)
+        prev = None
+        if g.signal == CONVERGENCE:
+            prev = _signal(g, _head_at(g, env, env[g.stream[0]])[g.primary], None, True)[1]
+        signals, summaries = [], []
+        for k in range(1, g.exits + 1):
+            out = _head_at(g, env, env[g.stream[k]])[g.primary]
+            s, summ = _signal(g, out, prev, g.token_level)
+            signals.append(s.flatten())
+            summaries.append(summ.reshape(-1, *summ.shape[2:]) if g.token_level
+                             and summ.dim() >= 2 and g.signal == CONFIDENCE else summ)
+            prev = summ if g.signal == CONVERGENCE else None
+            g.segments[k].run(env)
+        g.head.run(env)
+        _, final = _signal(g, env[g.primary], prev, g.token_level)
+        if g.token_level and g.signal == CONFIDENCE:
+            final = final.reshape(-1)
+        quality = [_quality(g, s, final).flatten() for s in summaries]
+        if signals:
+            self.runtime.observe(g, torch.stack(signals, 1), torch.stack(quality, 1))
+        return self._outputs(env)
+
+    # -------------------------------------------------------------- row mode
+
+    def _rows_mode(self, env: dict[fx.Node, Any], threshold: float) -> list[Any]:
+        g = self.g
+        b0 = env[g.stream[1] if g.exits >= 1 else g.stream[-1]]
+        total = int(b0.shape[0])
+        alive = torch.arange(total)
+        parts: dict[fx.Node, list[tuple[torch.Tensor, Any]]] = {}
+        done: set[fx.Node] = set()
+        out_nodes = [o for o in g.outputs if isinstance(o, fx.Node)]
+        prev = None
+        if g.signal == CONVERGENCE:
+            prev = _signal(g, _head_at(g, env, env[g.stream[0]])[g.primary], None, False)[1]
+        spent = g.segment_cost[0] * total + (g.head_cost * total if prev is not None else 0.0)
+        depth = total  # layers run, summed over rows (segment 0 ran for all)
+        finished = False
+        for k in range(1, g.exits + 1):
+            h = env[g.stream[k]]
+            heads = _head_at(g, env, h)
+            spent += g.head_cost * alive.numel()
+            sig, summ = _signal(g, heads[g.primary], prev, False)
+            quality = self.runtime.quality(k, sig)
+            leave = quality >= threshold
+            if g.static_rows and not bool(leave.all()):
+                leave = torch.zeros_like(leave)
+            if bool(leave.any()):
+                gone = leave.nonzero().flatten()
+                stay = (~leave).nonzero().flatten()
+                # Outputs computed so far are final for every row still here.
+                for o in out_nodes:
+                    if o in env and o not in done:
+                        parts.setdefault(o, []).append((alive, env[o]))
+                        done.add(o)
+                left = _rows(env, g, gone)
+                for o, v in heads.items():
+                    if o in out_nodes and o not in done:
+                        parts.setdefault(o, []).append(
+                            (alive[gone], v.index_select(0, gone) if o in g.batch else v))
+                for j in range(k, g.exits + 1):
+                    fill = g.fills[j]
+                    if fill is None:
+                        continue
+                    fenv = dict(left)
+                    fenv[g.stream[j]] = h.index_select(0, gone)
+                    fill.run(fenv)
+                    spent += g.fill_cost[j] * gone.numel()
+                    for o in fill.outputs:
+                        if o in out_nodes and o not in done:
+                            parts.setdefault(o, []).append((alive[gone], fenv[o]))
+                alive = alive[stay]
+                if alive.numel() == 0:
+                    finished = True
+                    break
+                env = _rows(env, g, stay)
+                if prev is not None:
+                    summ = summ.index_select(0, stay)
+            prev = summ if g.signal == CONVERGENCE else None
+            g.segments[k].run(env)
+            spent += g.segment_cost[k] * alive.numel()
+            depth += alive.numel()
+        if not finished:
+            g.head.run(env)
+            spent += g.head_cost * alive.numel()
+        for o in out_nodes:
+            if o in done or o not in env:
+                continue
+            parts.setdefault(o, []).append((alive, env[o]))
+        self._account(spent, total, depth)
+        return [self._assemble(o, parts, total, env) if isinstance(o, fx.Node) else o
+                for o in g.outputs]
+
+    def _assemble(self, o: fx.Node, parts: dict[fx.Node, list[tuple[torch.Tensor, Any]]],
+                  total: int, env: dict[fx.Node, Any]) -> Any:
+        got = parts.get(o)
+        if not got:
+            return env.get(o)
+        if o not in self.g.batch:
+            return got[-1][1]
+        if len(got) == 1 and got[0][0].numel() == total:
+            return got[0][1]
+        first = got[0][1]
+        out = first.new_empty((total, *first.shape[1:]))
+        for rows, v in got:
+            out.index_copy_(0, rows, v)
+        return out
+
+    # ------------------------------------------------------------ token mode
+
+    def _tokens(self, env: dict[fx.Node, Any], threshold: float) -> list[Any]:
+        g = self.g
+        frozen = None
+        kept = None
+        b, s = env[g.stream[1]].shape[:2]
+        depth = torch.zeros(b, s)
+        for k in range(1, g.exits + 1):
+            node = g.stream[k]
+            h = env[node]
+            if frozen is not None:
+                h = torch.where(frozen, kept, h)
+                env[node] = h
+            out = _head_at(g, env, h)[g.primary]
+            if out.shape[:2] != (b, s):
+                # The head scores only some positions (e.g. the last one while prefilling
+                # for generate()): no per-token signal, so every token runs every layer.
+                for seg in g.segments[k:]:
+                    seg.run(env)
+                g.head.run(env)
+                return self._outputs(env)
+            sig, _ = _signal(g, out, None, True)
+            leave = (self.runtime.quality(k, sig.flatten()) >= threshold).view(b, s)
+            leave = leave.unsqueeze(-1)
+            if frozen is None:
+                frozen, kept = leave, torch.where(leave, h, torch.zeros_like(h))
+            else:
+                kept = torch.where(leave & ~frozen, h, kept)
+                frozen = frozen | leave
+            depth += (~frozen.squeeze(-1)).float()
+            g.segments[k].run(env)
+        f = g.stream[-1]
+        if frozen is not None:
+            env[f] = torch.where(frozen, kept, env[f])
+        g.head.run(env)
+        dense = sum(g.segment_cost) + g.head_cost
+        spent = dense + g.exits * g.head_cost
+        _stats.record_ratio("exit_depth", float(depth.sum()) + b * s, b * s * (g.exits + 1))
+        _stats.record_saving_fraction(1.0 - spent / dense)
+        return self._outputs(env)
+
+    def _account(self, spent: float, rows: int, depth: int) -> None:
+        g = self.g
+        dense = (sum(g.segment_cost) + g.head_cost) * rows
+        _stats.record_ratio("exit_depth", depth, rows * (g.exits + 1))
+        _stats.record_saving_fraction(1.0 - spent / dense if dense else 0.0)
