@@ -41,7 +41,7 @@ class QualityMap:
     values: torch.Tensor  # [bins], non-decreasing
 
     @classmethod
-    def fit(cls, signal: torch.Tensor, target: torch.Tensor, bins: int = 16) -> QualityMap:
+    def fit(cls, signal: torch.Tensor, target: torch.Tensor, bins: int = 24) -> QualityMap:
         signal, target = signal.float().flatten(), target.float().flatten()
         if signal.numel() == 0:
             raise ValueError("no calibration samples for an exit")
@@ -94,12 +94,12 @@ class ThresholdCurve:
         return cls(cands, fr)
 
     def threshold(self, budget: float) -> float:
-        """The highest threshold whose calibrated cost is within ``budget``; the lowest
-        threshold when even exiting as early as possible costs more."""
-        ok = (self.fractions <= budget + 1e-9).nonzero()
-        if ok.numel() == 0:
-            return float(self.thresholds[0])
-        return float(self.thresholds[int(ok[-1])])
+        """The threshold whose calibrated cost is closest to ``budget`` (the cheaper one on
+        a tie); the lowest threshold when even exiting as early as possible costs more."""
+        gap = (self.fractions - budget).abs()
+        best = gap.min()
+        i = int((gap <= best + 1e-9).nonzero()[0])
+        return float(self.thresholds[i])
 
     def fraction(self, budget: float) -> float:
         """The calibrated cost fraction at the threshold ``budget`` picks."""

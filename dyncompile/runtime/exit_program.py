@@ -66,17 +66,24 @@ class ExitGraph:
     def exits(self) -> int:
         return len(self.segments) - 1
 
-    def exit_cost(self) -> torch.Tensor:
-        """Cost fraction of a row leaving at exit k = 1..K, then of running every layer."""
+    @property
+    def width(self) -> int:
+        return int(self.stream[-1].meta["example_value"].shape[-1]) \
+            if "example_value" in self.stream[-1].meta else 0
+
+    def exit_cost(self, per_exit: float = 0.0) -> torch.Tensor:
+        """Cost fraction of a row leaving at exit k = 1..K, then of running every layer;
+        ``per_exit`` is the extra cost of evaluating one exit (its adapter)."""
         seg = torch.tensor(self.segment_cost, dtype=torch.float64)
         fill = torch.tensor(self.fill_cost, dtype=torch.float64)
         dense = float(seg.sum()) + self.head_cost
+        check = self.head_cost + per_exit
         extra_head = self.head_cost if self.signal == CONVERGENCE else 0.0
         costs = []
         for k in range(1, self.exits + 1):
-            costs.append(float(seg[:k].sum()) + k * self.head_cost + float(fill[k:].sum())
+            costs.append(float(seg[:k].sum()) + k * check + float(fill[k:].sum())
                          + extra_head)
-        costs.append(dense + self.exits * self.head_cost + extra_head)
+        costs.append(dense + self.exits * check + extra_head)
         return torch.tensor(costs, dtype=torch.float32) / dense
 
     def compile(self, compiler: str) -> None:
@@ -100,6 +107,8 @@ def _signal(g: ExitGraph, out: torch.Tensor, prev: torch.Tensor | None,
             logits = logits[:, -1] if logits.dim() == 3 else logits.flatten(1, -2)[:, -1]
         probs = logits.softmax(-1)
         conf, pred = probs.max(-1)
+        if prev is not None:  # a prediction that changed since the last exit ranks lower
+            conf = conf - (pred != prev).float()
         return conf, pred
     pooled = out.float().flatten(1, -2).mean(1) if out.dim() > 2 else out.float()
     if prev is None:
@@ -150,6 +159,8 @@ class ExitRunner:
         env: dict[fx.Node, Any] = dict(zip(g.placeholders, args))
         value = self.state.value
         if self.state.calibrating:
+            result = self._record_states(env)
+        elif self.runtime.recording:
             result = self._calibrate(env)
         elif value >= 1.0 or g.exits < 1:
             result = self._dense(env)
@@ -173,7 +184,22 @@ class ExitRunner:
 
     # ------------------------------------------------------------ calibration
 
+    def _record_states(self, env: dict[fx.Node, Any]) -> list[Any]:
+        """Calibration, first pass: every layer runs; the stream at each exit and the final
+        state are recorded (the runtime fits each exit's adapter on them)."""
+        g = self.g
+        g.segments[0].run(env)
+        states = []
+        for k in range(1, g.exits + 1):
+            states.append(env[g.stream[k]])
+            g.segments[k].run(env)
+        g.head.run(env)
+        self.runtime.observe_states(states, env[g.stream[-1]])
+        return self._outputs(env)
+
     def _calibrate(self, env: dict[fx.Node, Any]) -> list[Any]:
+        """Calibration, second pass: every layer runs; at each exit the signal and the
+        quality the exit would have had are recorded."""
         g = self.g
         g.segments[0].run(env)
         prev = None
@@ -181,12 +207,12 @@ class ExitRunner:
             prev = _signal(g, _head_at(g, env, env[g.stream[0]])[g.primary], None, True)[1]
         signals, summaries = [], []
         for k in range(1, g.exits + 1):
-            out = _head_at(g, env, env[g.stream[k]])[g.primary]
+            out = _head_at(g, env, self.runtime.adapt(k, env[g.stream[k]]))[g.primary]
             s, summ = _signal(g, out, prev, g.token_level)
             signals.append(s.flatten())
-            summaries.append(summ.reshape(-1, *summ.shape[2:]) if g.token_level
-                             and summ.dim() >= 2 and g.signal == CONFIDENCE else summ)
-            prev = summ if g.signal == CONVERGENCE else None
+            summaries.append(summ.reshape(-1) if g.token_level and g.signal == CONFIDENCE
+                             else summ)
+            prev = summ
             g.segments[k].run(env)
         g.head.run(env)
         _, final = _signal(g, env[g.primary], prev, g.token_level)
@@ -211,12 +237,13 @@ class ExitRunner:
         if g.signal == CONVERGENCE:
             prev = _signal(g, _head_at(g, env, env[g.stream[0]])[g.primary], None, False)[1]
         spent = g.segment_cost[0] * total + (g.head_cost * total if prev is not None else 0.0)
+        summ = None
         depth = total  # layers run, summed over rows (segment 0 ran for all)
         finished = False
         for k in range(1, g.exits + 1):
-            h = env[g.stream[k]]
+            h = self.runtime.adapt(k, env[g.stream[k]])
             heads = _head_at(g, env, h)
-            spent += g.head_cost * alive.numel()
+            spent += (g.head_cost + self.runtime.exit_overhead(g.width)) * alive.numel()
             sig, summ = _signal(g, heads[g.primary], prev, False)
             quality = self.runtime.quality(k, sig)
             leave = quality >= threshold
@@ -251,9 +278,8 @@ class ExitRunner:
                     finished = True
                     break
                 env = _rows(env, g, stay)
-                if prev is not None:
-                    summ = summ.index_select(0, stay)
-            prev = summ if g.signal == CONVERGENCE else None
+                summ = summ.index_select(0, stay)
+            prev = summ
             g.segments[k].run(env)
             spent += g.segment_cost[k] * alive.numel()
             depth += alive.numel()
@@ -288,7 +314,7 @@ class ExitRunner:
     def _tokens(self, env: dict[fx.Node, Any], threshold: float) -> list[Any]:
         g = self.g
         frozen = None
-        kept = None
+        kept = prev = None
         b, s = env[g.stream[1]].shape[:2]
         depth = torch.zeros(b, s)
         for k in range(1, g.exits + 1):
@@ -297,7 +323,8 @@ class ExitRunner:
             if frozen is not None:
                 h = torch.where(frozen, kept, h)
                 env[node] = h
-            out = _head_at(g, env, h)[g.primary]
+            ha = self.runtime.adapt(k, h)
+            out = _head_at(g, env, ha)[g.primary]
             if out.shape[:2] != (b, s):
                 # The head scores only some positions (e.g. the last one while prefilling
                 # for generate()): no per-token signal, so every token runs every layer.
@@ -305,13 +332,13 @@ class ExitRunner:
                     seg.run(env)
                 g.head.run(env)
                 return self._outputs(env)
-            sig, _ = _signal(g, out, None, True)
+            sig, prev = _signal(g, out, prev, True)
             leave = (self.runtime.quality(k, sig.flatten()) >= threshold).view(b, s)
             leave = leave.unsqueeze(-1)
             if frozen is None:
-                frozen, kept = leave, torch.where(leave, h, torch.zeros_like(h))
+                frozen, kept = leave, torch.where(leave, ha, torch.zeros_like(ha))
             else:
-                kept = torch.where(leave & ~frozen, h, kept)
+                kept = torch.where(leave & ~frozen, ha, kept)
                 frozen = frozen | leave
             depth += (~frozen.squeeze(-1)).float()
             g.segments[k].run(env)
@@ -320,7 +347,7 @@ class ExitRunner:
             env[f] = torch.where(frozen, kept, env[f])
         g.head.run(env)
         dense = sum(g.segment_cost) + g.head_cost
-        spent = dense + g.exits * g.head_cost
+        spent = dense + g.exits * (g.head_cost + self.runtime.exit_overhead(g.width))
         _stats.record_ratio("exit_depth", float(depth.sum()) + b * s, b * s * (g.exits + 1))
         _stats.record_saving_fraction(1.0 - spent / dense)
         return self._outputs(env)

@@ -45,11 +45,26 @@ log = logging.getLogger("dyncompile")
 
 # ---------------------------------------------------------------------------- runtime
 
+MAX_STATE_ROWS = 4096  # stream rows kept per calibration call for fitting adapters
+
+
+def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor,
+                                                                              torch.Tensor]:
+    """Least-squares affine map y ~ x @ W.T + b (ridge-regularised), as (W, b)."""
+    x64, y64 = x.double(), y.double()
+    mx, my = x64.mean(0), y64.mean(0)
+    xc, yc = x64 - mx, y64 - my
+    gram = xc.T @ xc
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    w = torch.linalg.solve(gram, xc.T @ yc).T
+    b = my - w @ mx
+    return w.float().contiguous(), b.float().contiguous()
+
 
 class ExitRuntime:
     """Calibrated exit quality maps and the budget -> threshold curve of one model."""
 
-    def __init__(self) -> None:
+    def __init__(self, adapter: str = "affine") -> None:
         self.signals: list[torch.Tensor] = []
         self.qualities: list[torch.Tensor] = []
         self.costs: torch.Tensor | None = None
@@ -57,10 +72,37 @@ class ExitRuntime:
         self.curve: ThresholdCurve | None = None
         self.signal = ""
         self._memo: dict[float, float] = {}
+        self.adapter = adapter
+        self.adapters: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.states: list[list[torch.Tensor]] = []
+        self.recording = False
 
     @property
     def calibrated(self) -> bool:
         return self.curve is not None
+
+    def observe_states(self, states: list[torch.Tensor], final: torch.Tensor) -> None:
+        """Record the stream at each exit and the final state (calibration, first pass)."""
+        if self.states and len(states) != len(self.states[0]) - 1:
+            return
+        width = final.shape[-1]
+        rows = [s.detach().reshape(-1, width) for s in [*states, final]]
+        n = rows[0].shape[0]
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(len(self.states)))
+        keep = keep[:MAX_STATE_ROWS]
+        self.states.append([r[keep].float().clone() for r in rows])
+
+    def exit_overhead(self, width: int) -> float:
+        """FLOPs per row-token an exit adds besides the head (the adapter)."""
+        return 2.0 * width * width if self.adapters else 0.0
+
+    def adapt(self, k: int, state: torch.Tensor) -> torch.Tensor:
+        """The stream at exit ``k`` mapped towards the final state (identity without an
+        adapter)."""
+        if not self.adapters:
+            return state
+        w, b = self.adapters[k - 1]
+        return torch.nn.functional.linear(state, w.to(state.dtype), b.to(state.dtype))
 
     def observe(self, graph: ExitGraph, signals: torch.Tensor, qualities: torch.Tensor) -> None:
         """Record one calibration call: [rows, exits] signals and qualities."""
@@ -68,10 +110,32 @@ class ExitRuntime:
             return  # another graph of the same model with a different depth
         self.signals.append(signals.detach().clone())
         self.qualities.append(qualities.detach().clone())
-        self.costs = graph.exit_cost()
+        self.costs = graph.exit_cost(self.exit_overhead(graph.width))
         self.signal = graph.signal
 
     def finalize(self) -> None:
+        """After the first pass: fit the adapters; the second pass (``refine``) records
+        signals and qualities."""
+        if self.states:
+            exits = len(self.states[0]) - 1
+            cols = [torch.cat([c[k] for c in self.states]) for k in range(exits + 1)]
+            self.adapters = ([fit_affine(cols[k], cols[-1]) for k in range(exits)]
+                             if self.adapter == "affine" else [])
+            self.states = []
+            self.recording = True
+        self._fit_maps()
+
+    def refine(self, run_at: Any) -> None:
+        """Second calibration pass at budget 1.0: every exit's signal and quality."""
+        if not self.recording:
+            return
+        try:
+            run_at(1.0)
+        finally:
+            self.recording = False
+        self._fit_maps()
+
+    def _fit_maps(self) -> None:
         if not self.signals:
             return
         sig = torch.cat(self.signals)
@@ -108,7 +172,11 @@ class ExitRuntime:
         for k, m in enumerate(self.maps):
             tensors[f"edges.{k}"] = m.edges
             tensors[f"values.{k}"] = m.values
-        return tensors, {"exits": len(self.maps), "signal": self.signal}
+        for k, (w, b) in enumerate(self.adapters):
+            tensors[f"adapter_w.{k}"] = w
+            tensors[f"adapter_b.{k}"] = b
+        return tensors, {"exits": len(self.maps), "signal": self.signal,
+                         "adapters": len(self.adapters)}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 model: torch.nn.Module) -> None:
@@ -116,6 +184,8 @@ class ExitRuntime:
                      for k in range(int(meta["exits"]))]
         self.curve = ThresholdCurve(tensors["thresholds"], tensors["fractions"])
         self.signal = meta.get("signal", "")
+        self.adapters = [(tensors[f"adapter_w.{k}"], tensors[f"adapter_b.{k}"])
+                         for k in range(int(meta.get("adapters", 0)))]
         self._memo.clear()
 
 
@@ -246,7 +316,7 @@ class EarlyExitForm(Pass):
 
     name = "early_exit"
     version = "1"
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"adapter": ("affine", "none")}
     runtime = ExitRuntime
     dynamic_batch = True
 
@@ -256,7 +326,8 @@ class EarlyExitForm(Pass):
         if isinstance(graph, str):
             ctx.log.append(f"early_exit: left dense ({graph})")
             return
-        runtime = ctx.state.form(self.name, ExitRuntime)
+        opts = dict(ctx.config.form_options.get(self.name, {}))
+        runtime = ctx.state.form(self.name, lambda: ExitRuntime(opts.get("adapter", "affine")))
         ctx.program = ExitRunner(graph, runtime, ctx.state)
         gm.meta["dyn_exit_graph"] = graph
         ctx.log.append(f"early_exit: {graph.exits} exit(s), {graph.signal} signal"

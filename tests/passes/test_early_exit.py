@@ -1,0 +1,231 @@
+"""Form ``early_exit``: the cut (pieces counted), calibration, budget 1.0 = dense,
+rows leaving the batch, decoding with filled caches, save and load."""
+
+import pytest
+import torch
+import transformers
+
+import dyncompile
+from dyncompile.passes.base import PassContext
+from dyncompile.passes.detect import detect_blocks
+from dyncompile.passes.rewrite.early_exit import EarlyExitForm, fit_affine
+from dyncompile.runtime.budget import BudgetState
+from dyncompile.runtime.exit_fit import QualityMap, ThresholdCurve, exit_layers, isotonic
+from dyncompile.runtime.module import call_batch
+from dyncompile.testing import assert_matches_dense, compare_outputs
+from dyncompile.testing.zoo import ZOO
+from tests.conftest import capture_graphs
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+             num_hidden_layers=4, vocab_size=99, max_position_embeddings=64)
+
+
+def _bert():
+    torch.manual_seed(0)
+    return transformers.BertModel(transformers.BertConfig(**SMALL)).eval()
+
+
+def _llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_key_value_heads=2, **SMALL)).eval()
+
+
+def _ids(batch, seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 99, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _plan(model, inputs):
+    cfg = dyncompile.DynConfig(methods=("early_exit",))
+
+    def plan(gm, example):
+        ctx = PassContext(config=cfg, example_inputs=example,
+                          state=BudgetState())
+        ctx.blocks = detect_blocks(gm)
+        return gm, EarlyExitForm(cfg).plan(gm, ctx), list(example)
+
+    return capture_graphs(model, inputs, plan)[0]
+
+
+@pytest.mark.parametrize("name,layers,signal", [
+    ("bert", 2, "convergence"), ("llama", 2, "confidence"), ("gpt2", 2, "confidence"),
+    ("distilbert", 2, "convergence"), ("prenorm", 2, "convergence")])
+def test_cut_gives_one_segment_per_layer_and_keeps_every_node(name, layers, signal):
+    entry = ZOO[name]
+    gm, g, _ = _plan(entry.build().eval(), entry.inputs(2, 6))
+    assert not isinstance(g, str), g
+    assert len(g.segments) == layers and g.exits == layers - 1 and g.signal == signal
+    body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    pieces = [n for p in [*g.segments, g.head] for n in p.nodes]
+    assert sorted(n.name for n in pieces) == sorted(n.name for n in body)  # a partition
+    # Each segment holds one layer's linears; the head holds what follows the last one.
+    per_segment = [sum(1 for n in p.nodes if n in detect_blocks(gm).linears) for p in g.segments]
+    assert len(set(per_segment[1:])) == 1 and per_segment[0] >= per_segment[1]
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_pieces_run_in_order_reproduce_the_graph(name):
+    entry = ZOO[name]
+    gm, g, example = _plan(entry.build().eval(), entry.inputs(2, 6))
+    env = dict(zip(g.placeholders, example))
+    with torch.no_grad():
+        for piece in [*g.segments, g.head]:
+            piece.run(env)
+        ref = gm(*example)
+    got = [env[o] for o in g.outputs]
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_layers_without_a_stack_are_left_dense(dyncompile_log):
+    entry = ZOO["encoder-layer-bf"]
+    _, g, _ = _plan(entry.build().eval(), entry.inputs(2, 6))
+    assert isinstance(g, str) and "layer" in g
+
+
+def _optimized(model, cal, **kw):
+    return dyncompile.optimize(model, methods=["early_exit"], calibration=cal,
+                               compiler=kw.pop("compiler", "eager"), **kw)
+
+
+def test_encoder_budget_one_is_dense_and_compute_falls_with_budget():
+    model = _bert()
+    opt = _optimized(model, [_ids(8, 8, s) for s in range(4)])
+    x = _ids(6, 8, seed=9)
+    assert assert_matches_dense(model, opt, x, atol=1e-5) <= 1e-5
+    spent, depth = [], []
+    with torch.no_grad():
+        for b in (1.0, 0.8, 0.6, 0.4, 0.3):
+            opt.budget = b
+            opt(**x)
+            spent.append(opt.stats.fraction)
+            depth.append(opt.stats.ratio("exit_depth") or 1.0)
+    assert spent[0] == 1.0 and spent[-1] < 0.6
+    assert all(a >= b - 1e-6 for a, b in zip(spent, spent[1:]))  # monotone
+    assert depth[-1] < 0.6
+
+
+def test_rows_leave_the_batch_independently():
+    """With compaction every row gets what it would get alone at the same budget."""
+    model = _bert()
+    opt = _optimized(model, [_ids(8, 8, s) for s in range(4)])
+    x = _ids(5, 8, seed=3)
+    with torch.no_grad(), dyncompile.budget(0.5):
+        together = opt(**x)
+        assert 0.0 < opt.stats.ratio("exit_depth") < 1.0   # some rows left early
+        alone = [opt(**{k: v[i:i + 1] for k, v in x.items()}) for i in range(5)]
+    for i, one in enumerate(alone):
+        for a, b in zip(together.to_tuple(), one.to_tuple()):
+            torch.testing.assert_close(a[i:i + 1], b, atol=1e-5, rtol=1e-5)
+
+
+def test_calibration_maps_and_threshold_curve():
+    x = torch.tensor([0.1, 0.3, 0.2, 0.5])
+    fitted = isotonic(x, torch.ones(4))
+    assert torch.all(fitted[1:] >= fitted[:-1]) and abs(float(fitted.sum()) - 1.1) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    sig = torch.rand(2000, generator=g)
+    target = (torch.rand(2000, generator=g) < sig).float()  # quality rises with the signal
+    m = QualityMap.fit(sig, target)
+    assert torch.all(m.values[1:] >= m.values[:-1])
+    assert float(m(torch.tensor([0.95]))) > 0.8 > 0.2 > float(m(torch.tensor([0.05])))
+    quality = torch.rand(500, 3, generator=g)
+    assert exit_layers(torch.tensor([[0.1, 0.9, 0.95], [0.1, 0.2, 0.3]]), 0.5).tolist() == [2, 4]
+    cost = torch.tensor([0.3, 0.55, 0.8, 1.05])
+    curve = ThresholdCurve.fit(quality, cost)
+    assert torch.all(curve.fractions[1:] >= curve.fractions[:-1])
+    for b in (0.4, 0.6, 0.9):
+        assert abs(curve.fraction(b) - b) < 0.05
+    assert curve.fraction(0.1) == pytest.approx(0.3)
+
+
+def test_affine_adapter_recovers_a_linear_map():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g)
+    w, b = torch.randn(8, 8, generator=g), torch.randn(8, generator=g)
+    fw, fb = fit_affine(x, x @ w.T + b)
+    torch.testing.assert_close(fw, w, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(fb, b, atol=1e-2, rtol=1e-2)
+
+
+def test_decoder_generate_budget_one_equal_and_rows_exit_with_filled_cache():
+    model = _llama()
+    opt = _optimized(model, [_ids(4, 16, s) for s in range(3)])
+    ids = _ids(3, 6, seed=5)["input_ids"]
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+              min_new_tokens=6, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        with dyncompile.budget(1.0):
+            assert torch.equal(opt.generate(ids, **kw), ref)
+        with dyncompile.budget(0.3):
+            out = opt.generate(ids, **kw)
+            assert opt.stats.fraction < 0.9
+            # Each sequence decodes as it would alone: rows leave independently and the
+            # cache entries of skipped layers are filled for them.
+            for i in range(3):
+                one = opt.generate(ids[i:i + 1], **{**kw, "attention_mask": kw[
+                    "attention_mask"][i:i + 1]})
+                assert torch.equal(one[0], out[i])
+    assert out.shape == ref.shape
+
+
+def test_causal_lm_forward_freezes_tokens():
+    model = _llama()
+    opt = _optimized(model, [_ids(4, 16, s) for s in range(3)])
+    x = {"input_ids": _ids(2, 12, seed=7)["input_ids"]}
+    with torch.no_grad():
+        dense = model(**x).logits
+        with dyncompile.budget(0.4):
+            out = opt(**x).logits
+        depth = opt.stats.ratio("exit_depth")
+    assert depth is not None and depth < 0.9
+    assert not torch.allclose(out, dense)
+    # Token 0 attends to nothing else: its logits are the dense ones unless it exited.
+    assert out.shape == dense.shape
+
+
+def test_no_recompile_across_budgets_under_inductor():
+    model = _bert()
+    opt = _optimized(model, [_ids(8, 8, s) for s in range(2)], compiler="inductor")
+    x = _ids(6, 8, seed=1)
+    with torch.no_grad():
+        for b in (1.0, 0.5):           # warm: every piece compiled for the sizes it sees
+            with dyncompile.budget(b):
+                opt(**x)
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        outs = {}
+        for b in (0.3, 0.5, 0.7, 1.0, 0.5):
+            with dyncompile.budget(b):
+                outs[b] = opt(**x)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    compare_outputs(outs[1.0], call_batch(model, x), atol=1e-4)
+
+
+def test_save_and_load_restore_the_same_exits(tmp_path):
+    model = _bert()
+    opt = _optimized(model, [_ids(8, 8, s) for s in range(3)])
+    x = _ids(4, 8, seed=2)
+    with torch.no_grad(), dyncompile.budget(0.5):
+        before = opt(**x)
+        opt.save(tmp_path / "ee")
+        loaded = dyncompile.load(_bert(), tmp_path / "ee", compiler="eager")
+        after = loaded(**x)
+    compare_outputs(after, before, atol=1e-6)
+
+
+def test_backend_calibrates_on_first_inputs(dyncompile_log):
+    model = _bert()
+    compiled = torch.compile(model, backend="dyn",
+                             options={"methods": ["early_exit"], "compiler": "eager"})
+    x = _ids(4, 8)
+    with torch.no_grad():
+        dense = compiled(**x).last_hidden_state
+        with dyncompile.budget(0.3):
+            early = compiled(**x).last_hidden_state
+    assert any("calibrating on the first inputs" in m for m in dyncompile_log)
+    torch.testing.assert_close(dense, model(**x).last_hidden_state)
+    assert not torch.allclose(early, dense)
