@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import dyncompile.ops.expert_ffn.op  # noqa: F401  (registers the op)
+from dyncompile.ops.expert_ffn import cpu
 from dyncompile.ops.expert_ffn.cpu import PATHS, choose_path, expert_ffn_cpu, kernel_available
 from dyncompile.ops.expert_ffn.reference import (
     ACTIVATIONS,
@@ -85,12 +86,90 @@ def test_every_cpu_path_matches_reference(tokens, glu):
 def test_choose_path():
     assert choose_path(1, 32, 1536, 32, True, True) == "fused"
     assert choose_path(16, 32, 1536, 16 * 8, False, True) == "fused"
-    assert choose_path(16, 32, 1536, 16 * 16, False, True) == "dense"
+    assert choose_path(32, 32, 1536, 32 * 8, False, True) == "fused"
+    assert choose_path(16, 32, 1536, 16 * 20, False, True) == "grouped"
+    assert choose_path(64, 32, 1536, 64 * 28, False, True) == "dense"  # too dense
     assert choose_path(1, 32, 1536, 8, True, False) == "shared"
-    assert choose_path(4096, 16, 1536, 4096 * 4, False, True) == "grouped"
-    assert choose_path(4096, 16, 1536, 4096 * 8, False, True) == "dense"  # too dense
-    assert choose_path(4096, 16, 3072, 4096 * 8, False, True) == "grouped"  # wider experts
-    assert choose_path(64, 16, 1536, 64 * 4, False, True) == "dense"  # too few tokens
+    # fp32 (block kernel): grouped up to ~3/4 of the experts at 64-unit experts ...
+    assert choose_path(128, 24, 1536, 128 * 12, False, True) == "grouped"
+    assert choose_path(128, 24, 1536, 128 * 20, False, True) == "grouped"
+    assert choose_path(128, 24, 1536, 128 * 21, False, True) == "dense"
+    # ... less for narrower experts
+    assert choose_path(128, 96, 1536, 128 * 66, False, True) == "dense"
+    assert choose_path(4096, 16, 1536, 4096 * 8, False, True) == "grouped"
+    # other dtypes (torch GEMMs per expert): sparse selections and big blocks only
+    assert choose_path(4096, 16, 1536, 4096 * 4, False, False) == "grouped"
+    assert choose_path(4096, 16, 1536, 4096 * 8, False, False) == "dense"  # too dense
+    assert choose_path(4096, 16, 3072, 4096 * 8, False, False) == "grouped"  # wider experts
+    assert choose_path(64, 16, 1536, 64 * 4, False, False) == "dense"  # too few tokens
+
+
+def _block_mask(tokens, experts, seed=4):
+    """Random, plus: an empty expert, adjacent experts with the same tokens (merged
+    into one GEMM), a token that picks every expert and one that picks none."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(tokens, experts, generator=g) < 0.5
+    m[:, 1] = False
+    m[:, 3] = m[:, 2]
+    m[0] = True
+    m[-1] = False
+    return m
+
+
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("tile", [1, 7, 10 ** 6])  # split by token tiles or by experts
+def test_block_kernel_matches_reference(glu, bias, activation, tile, monkeypatch):
+    if not kernel_available():
+        pytest.skip("no C++ compiler")
+    monkeypatch.setattr(cpu, "GROUPED_TILE", tile)
+    for tokens, experts, hidden in [(50, E, H), (33, 7, 130), (21, E, 3)]:
+        args = _case(tokens, glu, bias, hidden=hidden)
+        m = _block_mask(tokens, experts)
+        y, pairs, units, taken = expert_ffn_cpu(*args, m, activation, "grouped")
+        assert taken == "grouped" and pairs == int(m.sum())
+        widths = torch.tensor(expert_widths(hidden, experts), dtype=torch.float64)
+        assert units == int(m.double().sum(0) @ widths)
+        _close(y, expert_ffn_reference(*args, m, activation))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("blas", [True, False])
+def test_block_kernel_threads_and_fallback(threads, blas, monkeypatch):
+    if not kernel_available():
+        pytest.skip("no C++ compiler")
+    mod = cpu._EXT.load()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mod.use_blas(blas)
+        for tile in (16, 10 ** 6):
+            monkeypatch.setattr(cpu, "GROUPED_TILE", tile)
+            for tokens in (1, 2, 40, 101):
+                args = _case(tokens, glu=True, seed=tokens)
+                for m in (_block_mask(tokens, E), torch.ones(tokens, E, dtype=torch.bool),
+                          torch.zeros(tokens, E, dtype=torch.bool)):
+                    y, *_ = expert_ffn_cpu(*args, m, "gelu", "grouped")
+                    _close(y, expert_ffn_reference(*args, m, "gelu"))
+    finally:
+        mod.use_blas(True)
+        torch.set_num_threads(before)
+
+
+def test_block_kernel_odd_layouts():
+    if not kernel_available():
+        pytest.skip("no C++ compiler")
+    x, wu, bu, wg, bg, wdt, bd = _case(30, glu=True)
+    m = _block_mask(30, E)
+    ref = expert_ffn_reference(x, wu, bu, wg, bg, wdt, bd, m, "silu")
+    # Transposed weights and a strided x: copied to contiguous, same result.
+    xs = torch.randn(30, 2 * D)[:, ::2].copy_(x)
+    args = (xs, wu.t().contiguous().t(), bu, wg, bg, wdt.t().contiguous().t(), bd)
+    _close(expert_ffn_cpu(*args, m, "silu", "grouped")[0], ref)
+    # Biases of another dtype (x fp32): cast.
+    args = (x, wu, bu.double(), wg, bg.double(), wdt, bd.double())
+    _close(expert_ffn_cpu(*args, m, "silu", "grouped")[0], ref)
 
 
 def test_leading_dims_and_noncontiguous_weights():

@@ -10,15 +10,23 @@ picks. Paths (``choose_path`` picks one per call from the actual mask):
 - shared: every token picks the same experts (one token, an all-true mask):
   no gather or scatter, one matmul pair per run of neighbouring selected
   experts (a single dense pair when all are selected);
-- grouped (C++, any dtype): tokens grouped by expert; one gather, then per
-  expert the up (and gate) GEMM on its rows, the activation and the down GEMM,
-  experts split across threads (narrow GEMMs parallelise badly inside BLAS),
-  one index_add into the fp32 output; the same loop in torch if no compiler;
+- grouped (C++): for fp32, the block kernel (``expert_ffn_blocks``), one call per
+  FFN: a counting sort of the (token, expert) pairs by expert, then per expert
+  (adjacent experts with the same tokens merged into one wider slice) a gather
+  of its token rows, the up (and gate) sgemm on the weight slice, the activation
+  (torch's vectorised kernels, once per chunk of experts) and the down sgemm,
+  added row by row into the output. Threads split token tiles when there are
+  enough tokens (each owns its output rows), else experts (each adds into its
+  own partial output, summed at the end): no index_add, no race, BLAS single
+  threaded inside. Other dtypes: the older per-expert at::mm loop with one
+  index_add; the same loop in torch if no compiler;
 - dense: one dense FFN with the unselected units zeroed, where the selection
   is too dense (or the experts too short) for grouping to pay.
 
 The C++ kernels are built on first use with ``torch.utils.cpp_extension.load_inline``
-(cached after); if no compiler is available the torch paths are used.
+(cached after); if no compiler is available the torch paths are used. They are
+compiled with ``-fopenmp``: without it ``at::parallel_for`` in the extension
+runs serially.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -100,7 +109,10 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_fwd(
   int64_t pairs = 0;
   for (int64_t i = 0; i < n * n_exp; ++i) pairs += mp[i];
   const int64_t k = static_cast<int64_t>(experts.size());
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k));
+  // Threads only for enough work (a parallel region costs a thread wake-up).
+  const int64_t macs = units * (d * (glu ? 2 : 1) + out);
+  const int64_t threads = macs < (int64_t{1} << 20) ? 1
+      : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k));
   std::vector<float> acc(static_cast<size_t>(threads) * n * out, 0.0f);
   // Torch's own thread pool; each chunk of experts accumulates into a private buffer.
   at::parallel_for(0, threads, 1, [&](int64_t c0, int64_t c1) {
@@ -242,11 +254,312 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_grouped(
   y.index_add_(0, tokens, ys.scalar_type() == at::kFloat ? ys : ys.to(at::kFloat));
   return std::make_tuple(y, pairs, units);
 }
+
+// ---------------------------------------------------------------------------
+// Grouped fp32 path for many tokens: one call per FFN, MKL's sgemm_ on the
+// expert slices (no dispatcher per GEMM), no index_add.
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
+
+static bool g_use_blas = true;
+
+// Whether sgemm_ is linked in (and used); ``use_blas(false)`` forces the at::mm fallback
+// (for tests). Returns whether BLAS is used now.
+bool use_blas(bool on) { g_use_blas = on; return g_use_blas && sgemm_ != nullptr; }
+
+// On a worker thread: BLAS single-threaded while alive (MKL would otherwise start
+// its own threads under ours).
+struct OneBlasThread {
+  int prev = 0;
+  OneBlasThread() { if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1); }
+  ~OneBlasThread() { if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev); }
+};
+
+// Row-major C[m, n] (ld ldc) = A[m, k] (row-major, ld lda) @ op(B) (+ beta * C), where
+// op(B) is B[k, n] (row-major, ld ldb) or, with b_t, the transpose of B[n, k] (ld ldb).
+static void gemm_rm(bool b_t, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                    const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+    return;
+  }
+  if (g_use_blas && sgemm_) {
+    // Column-major: C^T[n, m] = op(B)^T[n, k] @ A^T[k, m].
+    const char ta = b_t ? 'T' : 'N', tb = 'N';
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const float one = 1.0f;
+    sgemm_(&ta, &tb, &mi, &ni, &ki, &one, b, &la, a, &lb, &beta, c, &lc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto at_ = torch::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, opts);
+  auto bt = b_t ? torch::from_blob(const_cast<float*>(b), {k, n}, {1, ldb}, opts)
+                : torch::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts);
+  auto ct = torch::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (beta == 0.0f) at::mm_out(ct, at_, bt);
+  else ct.mul_(beta).addmm_(at_, bt);
+}
+
+// In place on a contiguous fp32 buffer: torch's own (vectorised) kernels, so the
+// values are those of reference.apply_activation.
+static void act_buf(float* p, int64_t len, int64_t kind) {
+  if (len <= 0 || kind == 6) return;
+  if (kind == 0) {
+    #pragma omp simd
+    for (int64_t i = 0; i < len; ++i) p[i] = p[i] > 0.0f ? p[i] : 0.0f;
+    return;
+  }
+  auto t = torch::from_blob(p, {len}, at::TensorOptions().dtype(at::kFloat));
+  switch (kind) {
+    case 1: at::gelu_(t); break;
+    case 2: at::gelu_(t, "tanh"); break;
+    case 3: at::silu_(t); break;
+    case 4: at::sigmoid_(t); break;
+    case 5: at::tanh_(t); break;
+    default: break;
+  }
+}
+
+namespace {
+
+struct Ffn {
+  const float *x, *up, *gate, *down, *bup, *bgate;
+  const bool* mask;
+  int64_t n, d, hidden, out, n_exp, kind;
+  bool glu;
+  int64_t lo(int64_t e) const { return e * hidden / n_exp; }
+};
+
+// A run of adjacent experts [e0, e1) that the same tokens selected: one GEMM pair.
+struct Group { int64_t lo, w, start, count; };
+
+struct Scratch {
+  std::vector<int64_t> cnt, off, toks;
+  std::vector<Group> groups;
+  std::vector<float> xs, h, g, ys;
+};
+
+// Hidden-buffer floats per chunk of groups (activation once per chunk).
+constexpr int64_t kChunkFloats = 1 << 16;
+
+// Tokens [t0, t1) x experts [e0, e1): acc rows are tokens t0.. (ld out), accumulated into.
+void run_block(const Ffn& f, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* acc,
+               Scratch& s) {
+  const int64_t ne = e1 - e0;
+  if (ne <= 0 || t1 <= t0) return;
+  // Counting sort of the (token, expert) pairs by expert, tokens ascending.
+  s.cnt.assign(ne + 1, 0);
+  for (int64_t t = t0; t < t1; ++t) {
+    const bool* row = f.mask + t * f.n_exp + e0;
+    for (int64_t j = 0; j < ne; ++j) s.cnt[j + 1] += row[j];
+  }
+  s.off.assign(ne + 1, 0);
+  for (int64_t j = 0; j < ne; ++j) s.off[j + 1] = s.off[j] + s.cnt[j + 1];
+  const int64_t pairs = s.off[ne];
+  if (!pairs) return;
+  s.toks.resize(pairs);
+  {
+    std::vector<int64_t> pos(s.off.begin(), s.off.end() - 1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const bool* row = f.mask + t * f.n_exp + e0;
+      for (int64_t j = 0; j < ne; ++j) if (row[j]) s.toks[pos[j]++] = t;
+    }
+  }
+  // Groups: adjacent selected experts whose token lists coincide share one GEMM pair.
+  s.groups.clear();
+  for (int64_t j = 0; j < ne; ++j) {
+    const int64_t c = s.off[j + 1] - s.off[j];
+    const int64_t lo = f.lo(e0 + j), w = f.lo(e0 + j + 1) - lo;
+    if (!c || !w) continue;
+    if (!s.groups.empty()) {
+      Group& p = s.groups.back();
+      if (p.lo + p.w == lo && p.count == c &&
+          std::equal(s.toks.begin() + p.start, s.toks.begin() + p.start + c,
+                     s.toks.begin() + s.off[j])) {
+        p.w += w;
+        continue;
+      }
+    }
+    s.groups.push_back({lo, w, s.off[j], c});
+  }
+  const int64_t d = f.d, out = f.out;
+  int64_t max_c = 0;
+  for (const Group& gr : s.groups) max_c = std::max(max_c, gr.count);
+  s.xs.resize(static_cast<size_t>(max_c * d));
+  s.ys.resize(static_cast<size_t>(max_c * out));
+  const size_t ng = s.groups.size();
+  for (size_t g0 = 0; g0 < ng;) {
+    // A chunk of groups whose hidden block fits kChunkFloats (at least one group).
+    size_t g1 = g0;
+    int64_t hsize = 0;
+    while (g1 < ng && (g1 == g0 || hsize + s.groups[g1].count * s.groups[g1].w <= kChunkFloats)) {
+      hsize += s.groups[g1].count * s.groups[g1].w;
+      ++g1;
+    }
+    s.h.resize(static_cast<size_t>(hsize));
+    if (f.glu) s.g.resize(static_cast<size_t>(hsize));
+    int64_t ho = 0;
+    for (size_t gi = g0; gi < g1; ++gi) {
+      const Group& gr = s.groups[gi];
+      const int64_t* tk = s.toks.data() + gr.start;
+      float* xs = s.xs.data();
+      for (int64_t i = 0; i < gr.count; ++i)
+        std::memcpy(xs + i * d, f.x + tk[i] * d, sizeof(float) * d);
+      float* h = s.h.data() + ho;
+      gemm_rm(true, gr.count, gr.w, d, xs, d, f.up + gr.lo * d, d, 0.0f, h, gr.w);
+      if (f.bup) {
+        const float* b = f.bup + gr.lo;
+        for (int64_t i = 0; i < gr.count; ++i) {
+          float* r = h + i * gr.w;
+          #pragma omp simd
+          for (int64_t j = 0; j < gr.w; ++j) r[j] += b[j];
+        }
+      }
+      if (f.glu) {
+        float* gg = s.g.data() + ho;
+        gemm_rm(true, gr.count, gr.w, d, xs, d, f.gate + gr.lo * d, d, 0.0f, gg, gr.w);
+        if (f.bgate) {
+          const float* b = f.bgate + gr.lo;
+          for (int64_t i = 0; i < gr.count; ++i) {
+            float* r = gg + i * gr.w;
+            #pragma omp simd
+            for (int64_t j = 0; j < gr.w; ++j) r[j] += b[j];
+          }
+        }
+      }
+      ho += gr.count * gr.w;
+    }
+    if (f.glu) {
+      act_buf(s.g.data(), hsize, f.kind);
+      float* h = s.h.data();
+      const float* gg = s.g.data();
+      #pragma omp simd
+      for (int64_t i = 0; i < hsize; ++i) h[i] *= gg[i];
+    } else {
+      act_buf(s.h.data(), hsize, f.kind);
+    }
+    ho = 0;
+    for (size_t gi = g0; gi < g1; ++gi) {
+      const Group& gr = s.groups[gi];
+      const int64_t* tk = s.toks.data() + gr.start;
+      float* ys = s.ys.data();
+      gemm_rm(false, gr.count, out, gr.w, s.h.data() + ho, gr.w, f.down + gr.lo * out, out,
+              0.0f, ys, out);
+      for (int64_t i = 0; i < gr.count; ++i) {
+        float* r = acc + (tk[i] - t0) * out;
+        const float* src = ys + i * out;
+        #pragma omp simd
+        for (int64_t j = 0; j < out; ++j) r[j] += src[j];
+      }
+      ho += gr.count * gr.w;
+    }
+    g0 = g1;
+  }
+}
+
+}  // namespace
+
+// fp32 grouped FFN. Many tokens: token tiles split across threads (each thread owns
+// its output rows); few tokens: experts split across threads by work, each thread
+// accumulating into its own partial output, summed at the end. Returns (y, pairs, units).
+std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
+    torch::Tensor x, torch::Tensor w_up, torch::Tensor b_up, torch::Tensor w_gate,
+    torch::Tensor b_gate, torch::Tensor w_down_t, torch::Tensor b_down, torch::Tensor mask,
+    int64_t kind, int64_t tile) {
+  x = x.detach().contiguous(); w_up = w_up.detach().contiguous();
+  w_down_t = w_down_t.detach().contiguous();
+  b_up = b_up.detach().contiguous(); b_down = b_down.detach().contiguous();
+  const bool glu = w_gate.numel() > 0;
+  if (glu) { w_gate = w_gate.detach().contiguous(); b_gate = b_gate.detach().contiguous(); }
+  mask = mask.to(at::kBool).contiguous();
+  Ffn f;
+  f.n = x.size(0); f.d = x.size(1); f.hidden = w_up.size(0); f.out = w_down_t.size(1);
+  f.n_exp = mask.size(1); f.kind = kind; f.glu = glu;
+  TORCH_CHECK(w_up.size(1) == f.d && w_down_t.size(0) == f.hidden && mask.size(0) == f.n);
+  f.x = x.data_ptr<float>(); f.up = w_up.data_ptr<float>();
+  f.gate = glu ? w_gate.data_ptr<float>() : nullptr;
+  f.down = w_down_t.data_ptr<float>();
+  f.bup = b_up.numel() ? b_up.data_ptr<float>() : nullptr;
+  f.bgate = glu && b_gate.numel() ? b_gate.data_ptr<float>() : nullptr;
+  f.mask = mask.data_ptr<bool>();
+  const int64_t n = f.n, n_exp = f.n_exp, out = f.out;
+  // Per-expert counts: pairs, units and the work split.
+  std::vector<int64_t> cnt(n_exp, 0);
+  for (int64_t t = 0; t < n; ++t) {
+    const bool* row = f.mask + t * n_exp;
+    for (int64_t e = 0; e < n_exp; ++e) cnt[e] += row[e];
+  }
+  int64_t pairs = 0, units = 0;
+  std::vector<int64_t> work(n_exp + 1, 0);
+  for (int64_t e = 0; e < n_exp; ++e) {
+    pairs += cnt[e];
+    units += cnt[e] * (f.lo(e + 1) - f.lo(e));
+    work[e + 1] = units;
+  }
+  auto y = b_down.numel() ? b_down.to(at::kFloat).reshape({1, out}).repeat({n, 1})
+                          : torch::zeros({n, out}, x.options());
+  if (!units || !out) return std::make_tuple(y, pairs, units);
+  float* yp = y.data_ptr<float>();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  tile = std::max<int64_t>(1, tile);
+  const int64_t tiles = n / tile;
+  if (tiles >= threads || threads == 1) {
+    const int64_t nt = std::max<int64_t>(1, tiles);
+    at::parallel_for(0, nt, 1, [&](int64_t i0, int64_t i1) {
+      OneBlasThread one;
+      Scratch s;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t0 = n * i / nt, t1 = n * (i + 1) / nt;
+        run_block(f, t0, t1, 0, n_exp, yp + t0 * out, s);
+      }
+    });
+    return std::make_tuple(y, pairs, units);
+  }
+  // Contiguous expert ranges of about equal work, one per thread.
+  std::vector<int64_t> bound(threads + 1, n_exp);
+  bound[0] = 0;
+  for (int64_t th = 1; th < threads; ++th) {
+    const int64_t target = units * th / threads;
+    int64_t e = bound[th - 1];
+    while (e < n_exp && work[e + 1] <= target) ++e;
+    // Round to the nearer boundary.
+    if (e < n_exp && target - work[e] > work[e + 1] - target) ++e;
+    bound[th] = e;
+  }
+  std::vector<float> partial(static_cast<size_t>((threads - 1) * n * out), 0.0f);
+  at::parallel_for(0, threads, 1, [&](int64_t i0, int64_t i1) {
+    OneBlasThread one;
+    Scratch s;
+    for (int64_t th = i0; th < i1; ++th) {
+      float* acc = th == 0 ? yp : partial.data() + static_cast<size_t>((th - 1) * n * out);
+      run_block(f, 0, n, bound[th], bound[th + 1], acc, s);
+    }
+  });
+  if (threads > 1) {
+    const int64_t total = n * out;
+    at::parallel_for(0, total, 16384, [&](int64_t i0, int64_t i1) {
+      for (int64_t th = 1; th < threads; ++th) {
+        const float* p = partial.data() + static_cast<size_t>((th - 1) * total);
+        #pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) yp[i] += p[i];
+      }
+    });
+  }
+  return std::make_tuple(y, pairs, units);
+}
 """
 
-_EXT = InlineExtension("dyncompile_expert_ffn_v5", _SOURCE,
-                       ["expert_ffn_fwd", "expert_ffn_grouped"],
-                       ("-O3", "-march=native", "-fopenmp-simd"))
+_EXT = InlineExtension("dyncompile_expert_ffn_v8", _SOURCE,
+                       ["expert_ffn_fwd", "expert_ffn_grouped", "expert_ffn_blocks", "use_blas"],
+                       ("-O3", "-march=native", "-fopenmp"))
 
 
 
@@ -342,15 +655,26 @@ def _fused_ok(x2, w_up, b_up, w_gate, b_gate, w_down_t, b_down) -> bool:
             and all(t.is_contiguous() for t in ts[1:]))
 
 
-# Path choice, measured with benchmarks/expert_ffn.py (2 threads, D=384/768, E=16/32).
-# "fused" (C++ dot products, each selected weight row read once, no BLAS) wins in
-# the decode regime, while the selected work is a few tokens' worth of the dense FFN.
-FUSED_MAX_TOKENS = 16
-FUSED_MAX_WORK = 4.0
-# "grouped" runs one narrow GEMM pair per selected expert: it pays when the
-# per-expert GEMMs are big enough (mean tokens per expert x expert width) and the
-# selection sparse enough; narrower experts run slower, so the break-even fraction
-# shrinks as sqrt(width / GROUPED_FULL_WIDTH) below that width.
+# Path choice, measured with benchmarks/expert_ffn.py and interleaved sweeps
+# (2 and 1 threads, D=384/768, E=16..96). "fused" (C++ dot products, each selected
+# weight row read once, no BLAS) wins in the decode regime, while the selected work
+# is a few tokens' worth of the dense FFN.
+FUSED_MAX_TOKENS = 32
+FUSED_MAX_WORK = 8.0
+# fp32 "grouped" (the C++ block kernel, sgemm on the slices) costs about 1.25x
+# the dense FFN per computed unit at 64-unit experts, more for narrower ones
+# (1-thread break-even vs dense: ~0.8 kept at 64 units, ~0.7 at 32, ~0.63 at 16);
+# the masked dense fallback costs ~1.1-1.15x dense, so grouped is taken while the
+# kept fraction is below BLOCKS_MAX_ACTIVE, scaled by (width / BLOCKS_FULL_WIDTH)
+# ** 0.2 below that width.
+BLOCKS_MAX_ACTIVE = 0.85
+BLOCKS_FULL_WIDTH = 64
+# Tokens per tile when the block kernel splits tokens (not experts) across threads.
+GROUPED_TILE = 512
+# Other dtypes (or no C++ kernel): "grouped" runs one narrow torch GEMM pair per
+# selected expert: it pays when the per-expert GEMMs are big enough (mean tokens
+# per expert x expert width) and the selection sparse enough; narrower experts run
+# slower, so the break-even fraction shrinks as sqrt(width / GROUPED_FULL_WIDTH).
 GROUPED_MIN_BLOCK = 2048
 GROUPED_MAX_ACTIVE = 0.5
 GROUPED_FULL_WIDTH = 192
@@ -359,12 +683,19 @@ PATHS = ("fused", "shared", "grouped", "grouped_torch", "dense")
 
 def choose_path(n: int, n_exp: int, hidden: int, pairs: int, shared: bool,
                 fused_ok: bool) -> str:
-    """The CPU path for ``n`` tokens selecting ``pairs`` of ``n * n_exp`` (token, expert)."""
+    """The CPU path for ``n`` tokens selecting ``pairs`` of ``n * n_exp`` (token, expert).
+
+    ``fused_ok``: fp32 with contiguous weights and the C++ kernels built (the fused
+    and block kernels apply).
+    """
     if fused_ok and 0 < n <= FUSED_MAX_TOKENS and pairs <= FUSED_MAX_WORK * n_exp:
         return "fused"
     if shared:
         return "shared"
     width = hidden / n_exp
+    if fused_ok:
+        max_active = BLOCKS_MAX_ACTIVE * min(1.0, width / BLOCKS_FULL_WIDTH) ** 0.2
+        return "grouped" if pairs <= max_active * n * n_exp else "dense"
     max_active = GROUPED_MAX_ACTIVE * min(1.0, width / GROUPED_FULL_WIDTH) ** 0.5
     if pairs / n_exp * width >= GROUPED_MIN_BLOCK and pairs <= max_active * n * n_exp:
         return "grouped"
@@ -418,6 +749,13 @@ def expert_ffn_cpu(x2: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | No
             w_down_t, b_down if b_down is not None else empty, mask, act)
         return y, int(pairs), int(units), path
     w = _Slices(w_up, b_up, w_gate, b_gate, w_down_t, activation, x2.dtype)
+    if path == "grouped" and x2.dtype == torch.float32:
+        y, pairs, units = mod.expert_ffn_blocks(
+            x2, w.w_up, w.b_up if w.b_up is not None else empty,
+            w.w_gate if w.w_gate is not None else empty,
+            w.b_gate if w.b_gate is not None else empty, w.w_down_t,
+            b_down if b_down is not None else empty, mask, act, GROUPED_TILE)
+        return y, int(pairs), int(units), path
     if path == "grouped":
         y, pairs, units = mod.expert_ffn_grouped(
             x2, w.w_up, w.b_up if w.b_up is not None else empty,

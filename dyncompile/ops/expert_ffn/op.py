@@ -50,12 +50,13 @@ def _cpu(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation):
     n_out = w_down_t.shape[1]
     x2 = x.reshape(-1, d)
     n, n_exp = mask.shape
-    y, pairs, units, _ = expert_ffn_cpu(x2, w_up, b_up, w_gate, b_gate, w_down_t, b_down,
-                                        mask.to(torch.bool), activation)
+    y, pairs, units, path = expert_ffn_cpu(x2, w_up, b_up, w_gate, b_gate, w_down_t, b_down,
+                                           mask.to(torch.bool), activation)
     per_unit = _flops_per_unit(w_up, w_gate, w_down_t)
     _stats.record_ratio("active_experts", pairs, n * n_exp)
-    # What the routing selected (the budget's measure), whichever path ran it.
-    _, chosen = selected_units(mask, hidden)
+    # What the routing selected (the budget's measure), whichever path ran it: every
+    # path but the masked dense one computes exactly the selected units.
+    chosen = units if path != "dense" else selected_units(mask, hidden)[1]
     _stats.record_ratio("expert_compute", per_unit * chosen, per_unit * n * hidden)
     _stats.record_saving(per_unit * (n * hidden - units))
     return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
