@@ -62,7 +62,7 @@ class QualityMap:
         return cls(edges, isotonic(filled, count.clamp_min(1e-6)))
 
     def __call__(self, signal: torch.Tensor) -> torch.Tensor:
-        return self.values[torch.bucketize(signal.float(), self.edges)]
+        return self.values[torch.bucketize(signal.float().contiguous(), self.edges)]
 
 
 def exit_layers(quality: torch.Tensor, threshold: float) -> torch.Tensor:

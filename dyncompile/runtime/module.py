@@ -92,8 +92,16 @@ class DynModule(nn.Module):
             from ..backend import dyn_backend
 
             options = {**_options(self.config), "state": self.state}
-            self._compiled_forward = torch.compile(self.model.forward, backend=dyn_backend,
-                                                   options=options, dynamic=self._dynamic)
+            compiled = torch.compile(self.model.forward, backend=dyn_backend,
+                                     options=options, dynamic=self._dynamic)
+            if self._mark_batch:
+                def forward(*a: Any, **k: Any) -> Any:
+                    _mark_batch_dynamic([*a, *k.values()])
+                    return compiled(*a, **k)
+
+                self._compiled_forward = forward
+            else:
+                self._compiled_forward = compiled
         had = "forward" in vars(self.model)
         saved = vars(self.model).get("forward")
         with self.state.lock:
@@ -149,10 +157,36 @@ class DynModule(nn.Module):
 
 
 def _mark_batch_dynamic(values: list[Any]) -> None:
-    """Let dynamo trace dim 0 (the batch) of the input tensors as a symbol."""
+    """Let dynamo trace dim 0 (the batch) of the input tensors as a symbol: tensors given
+    directly, and tensors held in lists, dicts or objects (a KV cache) whose dim 0 equals
+    the first input tensor's."""
+    tensors: list[torch.Tensor] = []
+    seen: set[int] = set()
+
+    def walk(v: Any, depth: int) -> None:
+        if id(v) in seen or depth > 4:
+            return
+        seen.add(id(v))
+        if isinstance(v, torch.Tensor):
+            tensors.append(v)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x, depth + 1)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x, depth + 1)
+        elif hasattr(v, "__dict__") and not isinstance(v, (torch.nn.Module, type)):
+            for x in vars(v).values():
+                walk(x, depth + 1)
+
     for v in values:
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
-            torch._dynamo.maybe_mark_dynamic(v, 0)
+        walk(v, 0)
+    first = next((t for t in tensors if t.dim() >= 1), None)
+    if first is None or first.shape[0] < 2:
+        return
+    for t in tensors:
+        if t.dim() >= 1 and t.shape[0] == first.shape[0]:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def call_batch(fn: Any, batch: Any) -> Any:
