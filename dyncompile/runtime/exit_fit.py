@@ -11,6 +11,7 @@ mean cost the rows of the calibration data would spend under it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ class QualityMap:
 
     @classmethod
     def fit(cls, signal: torch.Tensor, target: torch.Tensor, bins: int = 24) -> QualityMap:
-        signal, target = signal.float().flatten(), target.float().flatten()
+        signal, target = signal.float().flatten().contiguous(), target.float().flatten()
         if signal.numel() == 0:
             raise ValueError("no calibration samples for an exit")
         qs = torch.linspace(0, 1, bins + 1)[1:-1]
@@ -84,12 +85,15 @@ class ThresholdCurve:
     fractions: torch.Tensor   # non-decreasing in threshold
 
     @classmethod
-    def fit(cls, quality: torch.Tensor, exit_cost: torch.Tensor) -> ThresholdCurve:
-        """``exit_cost[k - 1]`` = cost fraction of a row leaving at exit k (k = 1..K+1,
-        the last entry = running the whole model with every exit evaluated)."""
+    def fit(cls, quality: torch.Tensor, exit_cost: Any) -> ThresholdCurve:
+        """``exit_cost`` (a tensor, or a function of the threshold giving one): entry k - 1
+        = cost fraction of a row leaving at exit k (k = 1..K+1, the last entry = running
+        the whole model with its exit checks)."""
         cands = torch.unique(quality.flatten())
         cands = torch.cat([cands, torch.tensor([float("inf")])])
-        fr = torch.stack([exit_cost[exit_layers(quality, float(t)) - 1].mean() for t in cands])
+        cost = exit_cost if callable(exit_cost) else (lambda t: exit_cost)
+        fr = torch.stack([cost(float(t))[exit_layers(quality, float(t)) - 1].mean()
+                          for t in cands])
         fr = torch.cummax(fr, 0).values
         return cls(cands, fr)
 

@@ -71,29 +71,40 @@ class ExitGraph:
         return int(self.stream[-1].meta["example_value"].shape[-1]) \
             if "example_value" in self.stream[-1].meta else 0
 
-    def exit_cost(self, per_exit: float = 0.0) -> torch.Tensor:
-        """Cost fraction of a row leaving at exit k = 1..K, then of running every layer;
-        ``per_exit`` is the extra cost of evaluating one exit (its adapter)."""
+    def exit_cost(self, per_exit: float = 0.0, checked: list[bool] | None = None,
+                  on_leave: float = 0.0) -> torch.Tensor:
+        """Cost fraction of a row leaving at exit k = 1..K, then of running every layer.
+
+        ``per_exit`` is the extra cost of evaluating one exit (its adapter);
+        ``checked[k - 1]`` says whether exit k is evaluated at all (default: all);
+        ``on_leave`` is what a leaving row costs once (its adapted output).
+        """
         seg = torch.tensor(self.segment_cost, dtype=torch.float64)
         fill = torch.tensor(self.fill_cost, dtype=torch.float64)
+        checked = [True] * self.exits if checked is None else checked
         dense = float(seg.sum()) + self.head_cost
         check = self.head_cost + per_exit
-        extra_head = self.head_cost if self.signal == CONVERGENCE else 0.0
+        first = self.head_cost if self.signal == CONVERGENCE and checked and checked[0] else 0.0
         costs = []
         for k in range(1, self.exits + 1):
-            costs.append(float(seg[:k].sum()) + k * check + float(fill[k:].sum())
-                         + extra_head)
-        costs.append(dense + self.exits * check + extra_head)
+            costs.append(float(seg[:k].sum()) + sum(checked[:k]) * check
+                         + float(fill[k:].sum()) + first + on_leave)
+        costs.append(dense + sum(checked) * check + first)
         return torch.tensor(costs, dtype=torch.float32) / dense
 
     def compile(self, compiler: str) -> None:
-        """Compile every piece (Inductor; batch sizes vary, so dynamo may make one
-        dynamic-shape graph per piece after the first size change)."""
+        """Compile every piece with Inductor, for the symbolic sizes the graph was traced
+        with (the fake values dynamo recorded), so a piece serves every batch size; called
+        inside the backend, while dynamo's tracing context is active."""
         if compiler == "eager" or self.compiled:
             return
+        from torch._inductor.compile_fx import compile_fx
+
         for p in [*self.segments, self.head, *[f for f in self.fills if f is not None]]:
             if p.nodes:
-                p.fn = torch.compile(p.module, backend="inductor", dynamic=None)
+                example = [n.meta.get("example_value", n.meta.get("val")) for n in p.inputs]
+                p.fn = compile_fx(p.module, example)
+                self.graphs += 1
         self.compiled = True
 
 
@@ -206,16 +217,23 @@ class ExitRunner:
         if g.signal == CONVERGENCE:
             prev = _signal(g, _head_at(g, env, env[g.stream[0]])[g.primary], None, True)[1]
         signals, summaries = [], []
+        rt = self.runtime
         for k in range(1, g.exits + 1):
-            out = _head_at(g, env, self.runtime.adapt(k, env[g.stream[k]]))[g.primary]
+            raw = env[g.stream[k]]
+            out = _head_at(g, env, rt.signal_state(k, raw))[g.primary]
             s, summ = _signal(g, out, prev, g.token_level)
+            if not rt.signal_adapted:  # the quality is that of the adapted output
+                _, summ_out = _signal(g, _head_at(g, env, rt.adapt(k, raw))[g.primary], prev,
+                                      g.token_level)
+            else:
+                summ_out = summ
             signals.append(s.flatten())
-            summaries.append(summ.reshape(-1) if g.token_level and g.signal == CONFIDENCE
-                             else summ)
+            summaries.append(summ_out.reshape(-1) if g.token_level and g.signal == CONFIDENCE
+                             else summ_out)
             prev = summ
             g.segments[k].run(env)
         g.head.run(env)
-        _, final = _signal(g, env[g.primary], prev, g.token_level)
+        _, final = _signal(g, env[g.primary], None, g.token_level)
         if g.token_level and g.signal == CONFIDENCE:
             final = final.reshape(-1)
         quality = [_quality(g, s, final).flatten() for s in summaries]
@@ -233,20 +251,30 @@ class ExitRunner:
         parts: dict[fx.Node, list[tuple[torch.Tensor, Any]]] = {}
         done: set[fx.Node] = set()
         out_nodes = [o for o in g.outputs if isinstance(o, fx.Node)]
+        fire, checked = self.runtime.plan(threshold, g.exits)
         prev = None
-        if g.signal == CONVERGENCE:
+        if g.signal == CONVERGENCE and checked[0]:
             prev = _signal(g, _head_at(g, env, env[g.stream[0]])[g.primary], None, False)[1]
         spent = g.segment_cost[0] * total + (g.head_cost * total if prev is not None else 0.0)
         summ = None
         depth = total  # layers run, summed over rows (segment 0 ran for all)
         finished = False
         for k in range(1, g.exits + 1):
-            h = self.runtime.adapt(k, env[g.stream[k]])
-            heads = _head_at(g, env, h)
-            spent += (g.head_cost + self.runtime.exit_overhead(g.width)) * alive.numel()
+            if not checked[k - 1]:  # this exit cannot fire at this threshold, nor the next
+                prev = None
+                g.segments[k].run(env)
+                spent += g.segment_cost[k] * alive.numel()
+                depth += alive.numel()
+                continue
+            rt = self.runtime
+            raw = env[g.stream[k]]
+            heads = _head_at(g, env, rt.signal_state(k, raw))
+            spent += (g.head_cost + rt.check_overhead(g.width)) * alive.numel()
             sig, summ = _signal(g, heads[g.primary], prev, False)
             quality = self.runtime.quality(k, sig)
             leave = quality >= threshold
+            if not fire[k - 1]:
+                leave = torch.zeros_like(leave)
             if g.static_rows and not bool(leave.all()):
                 leave = torch.zeros_like(leave)
             if bool(leave.any()):
@@ -258,16 +286,22 @@ class ExitRunner:
                         parts.setdefault(o, []).append((alive, env[o]))
                         done.add(o)
                 left = _rows(env, g, gone)
-                for o, v in heads.items():
+                h = rt.adapt(k, raw.index_select(0, gone))
+                if rt.signal_adapted:
+                    outs = {o: v.index_select(0, gone) if o in g.batch else v
+                            for o, v in heads.items()}
+                else:
+                    outs = _head_at(g, left, h)
+                    spent += (g.head_cost + rt.exit_overhead(g.width)) * gone.numel()
+                for o, v in outs.items():
                     if o in out_nodes and o not in done:
-                        parts.setdefault(o, []).append(
-                            (alive[gone], v.index_select(0, gone) if o in g.batch else v))
+                        parts.setdefault(o, []).append((alive[gone], v))
                 for j in range(k, g.exits + 1):
                     fill = g.fills[j]
                     if fill is None:
                         continue
                     fenv = dict(left)
-                    fenv[g.stream[j]] = h.index_select(0, gone)
+                    fenv[g.stream[j]] = h
                     fill.run(fenv)
                     spent += g.fill_cost[j] * gone.numel()
                     for o in fill.outputs:
@@ -317,14 +351,20 @@ class ExitRunner:
         kept = prev = None
         b, s = env[g.stream[1]].shape[:2]
         depth = torch.zeros(b, s)
+        fire, checked = self.runtime.plan(threshold, g.exits)
         for k in range(1, g.exits + 1):
             node = g.stream[k]
             h = env[node]
             if frozen is not None:
                 h = torch.where(frozen, kept, h)
                 env[node] = h
+            if not checked[k - 1]:
+                prev = None
+                depth += 1.0 if frozen is None else (~frozen.squeeze(-1)).float()
+                g.segments[k].run(env)
+                continue
             ha = self.runtime.adapt(k, h)
-            out = _head_at(g, env, ha)[g.primary]
+            out = _head_at(g, env, ha if self.runtime.signal_adapted else h)[g.primary]
             if out.shape[:2] != (b, s):
                 # The head scores only some positions (e.g. the last one while prefilling
                 # for generate()): no per-token signal, so every token runs every layer.
@@ -334,7 +374,7 @@ class ExitRunner:
                 return self._outputs(env)
             sig, prev = _signal(g, out, prev, True)
             leave = (self.runtime.quality(k, sig.flatten()) >= threshold).view(b, s)
-            leave = leave.unsqueeze(-1)
+            leave = leave.unsqueeze(-1) & fire[k - 1]
             if frozen is None:
                 frozen, kept = leave, torch.where(leave, ha, torch.zeros_like(ha))
             else:
@@ -347,7 +387,7 @@ class ExitRunner:
             env[f] = torch.where(frozen, kept, env[f])
         g.head.run(env)
         dense = sum(g.segment_cost) + g.head_cost
-        spent = dense + g.exits * (g.head_cost + self.runtime.exit_overhead(g.width))
+        spent = dense + sum(checked) * (g.head_cost + self.runtime.exit_overhead(g.width))
         _stats.record_ratio("exit_depth", float(depth.sum()) + b * s, b * s * (g.exits + 1))
         _stats.record_saving_fraction(1.0 - spent / dense)
         return self._outputs(env)

@@ -202,6 +202,13 @@ def test_no_recompile_across_budgets_under_inductor():
             with dyncompile.budget(b):
                 outs[b] = opt(**x)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+        # Rows left, so pieces ran on fewer rows than they were traced with: one compiled
+        # graph per piece serves every batch size.
+        with dyncompile.budget(0.3):
+            opt(**_ids(9, 8, seed=4))
+            assert opt.stats.ratio("exit_depth") < 1.0
+    graphs = opt.state.forms["early_exit"].graphs
+    assert graphs and all(g.compiled and g.graphs == len(g.segments) + 1 for g in graphs)
     compare_outputs(outs[1.0], call_batch(model, x), atol=1e-4)
 
 

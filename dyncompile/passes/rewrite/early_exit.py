@@ -33,7 +33,7 @@ from torch import fx
 
 from ...runtime.exit_fit import QualityMap, ThresholdCurve
 from ...runtime.exit_program import CONFIDENCE, CONVERGENCE, ExitGraph, ExitRunner
-from ..base import Pass, PassContext
+from ..base import Pass, PassContext, positive_int
 from ..blocks import ResidualBlock
 from ..graph_utils import node_value, position, shape_of, sym, tensor_value, to_nx
 from ..linears import LinearSite
@@ -61,21 +61,42 @@ def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[t
     return w.float().contiguous(), b.float().contiguous()
 
 
+def fit_adapter(x: torch.Tensor, y: torch.Tensor, rank: int | None) -> dict[str, torch.Tensor]:
+    """An exit adapter y ~ A(x): full affine ``{"w", "b"}``, or with ``rank``, identity plus
+    a rank-``rank`` correction ``x + (x @ vt.T) @ u.T + b`` (the truncated SVD of W - I),
+    which costs 2 * rank * width instead of width**2 multiply-adds per row."""
+    w, b = fit_affine(x, y)
+    width = w.shape[0]
+    if rank is None or rank >= width // 2:
+        return {"w": w, "b": b}
+    u, sv, vh = torch.linalg.svd(w.double() - torch.eye(width, dtype=torch.float64))
+    # Refit the bias for the truncated map.
+    u_r = (u[:, :rank] * sv[:rank]).float().contiguous()
+    vt = vh[:rank].float().contiguous()
+    approx = x + (x @ vt.T) @ u_r.T
+    return {"u": u_r, "vt": vt, "b": (y - approx).mean(0).float().contiguous()}
+
+
 class ExitRuntime:
     """Calibrated exit quality maps and the budget -> threshold curve of one model."""
 
-    def __init__(self, adapter: str = "affine") -> None:
+    def __init__(self, adapter: str = "affine", adapter_rank: int | None = None,
+                 signal: str = "adapted") -> None:
         self.signals: list[torch.Tensor] = []
         self.qualities: list[torch.Tensor] = []
-        self.costs: torch.Tensor | None = None
+        self.cost_fn: Any = None
         self.maps: list[QualityMap] = []
         self.curve: ThresholdCurve | None = None
         self.signal = ""
         self._memo: dict[float, float] = {}
+        self._plans: dict[tuple[float, int], tuple[list[bool], list[bool]]] = {}
         self.adapter = adapter
-        self.adapters: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.adapter_rank = adapter_rank
+        self.signal_adapted = signal == "adapted"
+        self.adapters: list[dict[str, torch.Tensor]] = []
         self.states: list[list[torch.Tensor]] = []
         self.recording = False
+        self.graphs: list[ExitGraph] = []  # the cut graphs using this runtime
 
     @property
     def calibrated(self) -> bool:
@@ -94,15 +115,30 @@ class ExitRuntime:
 
     def exit_overhead(self, width: int) -> float:
         """FLOPs per row-token an exit adds besides the head (the adapter)."""
-        return 2.0 * width * width if self.adapters else 0.0
+        if not self.adapters:
+            return 0.0
+        a = self.adapters[0]
+        return 2.0 * a["w"].numel() if "w" in a else 2.0 * (a["u"].numel() + a["vt"].numel())
+
+    def check_overhead(self, width: int) -> float:
+        """What evaluating one exit adds per row-token besides the head."""
+        return self.exit_overhead(width) if self.signal_adapted else 0.0
+
+    def signal_state(self, k: int, state: torch.Tensor) -> torch.Tensor:
+        """The state the exit head scores for the decision at exit ``k``."""
+        return self.adapt(k, state) if self.signal_adapted else state
 
     def adapt(self, k: int, state: torch.Tensor) -> torch.Tensor:
         """The stream at exit ``k`` mapped towards the final state (identity without an
         adapter)."""
         if not self.adapters:
             return state
-        w, b = self.adapters[k - 1]
-        return torch.nn.functional.linear(state, w.to(state.dtype), b.to(state.dtype))
+        a = self.adapters[k - 1]
+        dt = state.dtype
+        if "w" in a:
+            return torch.nn.functional.linear(state, a["w"].to(dt), a["b"].to(dt))
+        low = torch.nn.functional.linear(state, a["vt"].to(dt))
+        return state + torch.nn.functional.linear(low, a["u"].to(dt), a["b"].to(dt))
 
     def observe(self, graph: ExitGraph, signals: torch.Tensor, qualities: torch.Tensor) -> None:
         """Record one calibration call: [rows, exits] signals and qualities."""
@@ -110,7 +146,9 @@ class ExitRuntime:
             return  # another graph of the same model with a different depth
         self.signals.append(signals.detach().clone())
         self.qualities.append(qualities.detach().clone())
-        self.costs = graph.exit_cost(self.exit_overhead(graph.width))
+        check = self.check_overhead(graph.width)
+        leave = 0.0 if self.signal_adapted else self.exit_overhead(graph.width) + graph.head_cost
+        self.cost_fn = lambda checked: graph.exit_cost(check, checked, leave)
         self.signal = graph.signal
 
     def finalize(self) -> None:
@@ -119,8 +157,8 @@ class ExitRuntime:
         if self.states:
             exits = len(self.states[0]) - 1
             cols = [torch.cat([c[k] for c in self.states]) for k in range(exits + 1)]
-            self.adapters = ([fit_affine(cols[k], cols[-1]) for k in range(exits)]
-                             if self.adapter == "affine" else [])
+            self.adapters = ([fit_adapter(cols[k], cols[-1], self.adapter_rank)
+                              for k in range(exits)] if self.adapter == "affine" else [])
             self.states = []
             self.recording = True
         self._fit_maps()
@@ -142,15 +180,30 @@ class ExitRuntime:
         qual = torch.cat(self.qualities)
         self.maps = [QualityMap.fit(sig[:, k], qual[:, k]) for k in range(sig.shape[1])]
         mapped = torch.stack([m(sig[:, k]) for k, m in enumerate(self.maps)], 1)
-        assert self.costs is not None
-        self.curve = ThresholdCurve.fit(mapped, self.costs)
+        assert self.cost_fn is not None
+        self.curve = ThresholdCurve.fit(mapped, lambda t: self.cost_fn(
+            self.plan(t, len(self.maps))[1]))
         self.signals, self.qualities = [], []
         self._memo.clear()
+        self._plans.clear()
         log.info("early_exit: calibrated %d exits on %d rows", sig.shape[1], sig.shape[0])
 
     def quality(self, k: int, signal: torch.Tensor) -> torch.Tensor:
         """Predicted quality at exit ``k`` (1-based) for these signals."""
         return self.maps[k - 1](signal)
+
+    def plan(self, threshold: float, exits: int) -> tuple[list[bool], list[bool]]:
+        """Which exits can fire at ``threshold`` (their best calibrated quality reaches
+        it), and which must be evaluated: those, and the one before each (its output is
+        the next exit's reference)."""
+        key = (threshold, exits)
+        got = self._plans.get(key)
+        if got is None:
+            fire = [bool(m.values.max() >= threshold) for m in self.maps[:exits]]
+            fire += [False] * (exits - len(fire))
+            checked = [f or (i + 1 < exits and fire[i + 1]) for i, f in enumerate(fire)]
+            got = self._plans[key] = (fire, checked)
+        return got
 
     def threshold(self, budget: float) -> float:
         if self.curve is None:
@@ -172,10 +225,11 @@ class ExitRuntime:
         for k, m in enumerate(self.maps):
             tensors[f"edges.{k}"] = m.edges
             tensors[f"values.{k}"] = m.values
-        for k, (w, b) in enumerate(self.adapters):
-            tensors[f"adapter_w.{k}"] = w
-            tensors[f"adapter_b.{k}"] = b
+        for k, a in enumerate(self.adapters):
+            for name, t in a.items():
+                tensors[f"adapter_{name}.{k}"] = t
         return tensors, {"exits": len(self.maps), "signal": self.signal,
+                         "signal_adapted": self.signal_adapted,
                          "adapters": len(self.adapters)}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -184,9 +238,12 @@ class ExitRuntime:
                      for k in range(int(meta["exits"]))]
         self.curve = ThresholdCurve(tensors["thresholds"], tensors["fractions"])
         self.signal = meta.get("signal", "")
-        self.adapters = [(tensors[f"adapter_w.{k}"], tensors[f"adapter_b.{k}"])
+        self.signal_adapted = bool(meta.get("signal_adapted", False))
+        self.adapters = [{name: tensors[f"adapter_{name}.{k}"] for name in ("w", "u", "vt", "b")
+                          if f"adapter_{name}.{k}" in tensors}
                          for k in range(int(meta.get("adapters", 0)))]
         self._memo.clear()
+        self._plans.clear()
 
 
 # ---------------------------------------------------------------------------- graph side
@@ -316,7 +373,8 @@ class EarlyExitForm(Pass):
 
     name = "early_exit"
     version = "1"
-    options: dict[str, Any] = {"adapter": ("affine", "none")}
+    options: dict[str, Any] = {"adapter": ("affine", "none"), "adapter_rank": positive_int,
+                               "signal_from": ("adapted", "raw")}
     runtime = ExitRuntime
     dynamic_batch = True
 
@@ -327,8 +385,11 @@ class EarlyExitForm(Pass):
             ctx.log.append(f"early_exit: left dense ({graph})")
             return
         opts = dict(ctx.config.form_options.get(self.name, {}))
-        runtime = ctx.state.form(self.name, lambda: ExitRuntime(opts.get("adapter", "affine")))
+        runtime = ctx.state.form(self.name, lambda: ExitRuntime(
+            opts.get("adapter", "affine"), opts.get("adapter_rank"),
+            opts.get("signal_from", "adapted")))
         ctx.program = ExitRunner(graph, runtime, ctx.state)
+        runtime.graphs.append(graph)
         gm.meta["dyn_exit_graph"] = graph
         ctx.log.append(f"early_exit: {graph.exits} exit(s), {graph.signal} signal"
                        f"{', per token' if graph.token_level else ''}")

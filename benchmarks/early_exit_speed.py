@@ -1,0 +1,129 @@
+"""Early exit on CPU: MiniLM and the MiniLM classifier against dense, same run.
+
+Both are calibrated on the harness's calibration sentences, compiled by the
+``dyn`` backend (Inductor, every piece) with ``methods=["early_exit"]``, and
+timed interleaved with the dense model under the default ``torch.compile``
+backend: median of repeats, 2 threads, on batches of real sentences of exactly
+128 tokens (1x128 and 32x128). Rows per budget: 1.0 (no exit checked), a
+worst case where every exit is checked and no row leaves ("checked, none
+leave": the overhead of the exit checks and of running in pieces), and
+budgets 0.8 / 0.6 / 0.4, with the spent FLOP fraction and mean depth the
+runtime reports. Also counts the graphs dynamo compiled for the pieces.
+
+    python benchmarks/early_exit_speed.py [--repeats 20] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dyncompile
+from dyncompile.eval.corpus import splits
+from dyncompile.eval.minilm import (
+    ClassifierWorkload,
+    _exact_length_batch,
+    load_tokenizer,
+    tokenize,
+)
+from dyncompile.eval.timing import device_info, time_interleaved
+from dyncompile.runtime.module import call_batch
+from dyncompile.testing.zoo import load_minilm
+
+BUDGETS = (0.8, 0.6, 0.4)
+SHAPES = ((1, 128), (32, 128))
+NONE_LEAVE = "checked, none leave"
+
+
+class _NoneLeave:
+    """Every exit evaluated, no row leaves (patches the runtime for one call)."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.rt = runtime
+
+    def __enter__(self) -> None:
+        n = len(self.rt.maps)
+        self.saved = (self.rt.plan, self.rt.quality)
+        self.rt.plan = lambda t, k: ([False] * k, [True] * k)
+        self.rt.quality = lambda k, s: torch.zeros_like(s)
+        assert n > 0
+
+    def __exit__(self, *exc: Any) -> None:
+        self.rt.plan, self.rt.quality = self.saved
+
+
+def run(repeats: int) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    torch._dynamo.config.recompile_limit = 64
+    tok = load_tokenizer()
+    s = splits()
+    cal_texts = [x.text for x in s.calibration]
+    cal = [tokenize(tok, cal_texts[i * 32:(i + 1) * 32]) for i in range(8)]
+    timing = {f"{b}x{n}": _exact_length_batch(tok, cal_texts, b, n) for b, n in SHAPES}
+    rows: list[dict[str, Any]] = []
+    graphs: dict[str, int] = {}
+    classifier = ClassifierWorkload().model
+    for what, model in (("minilm", load_minilm().eval()), ("classifier", classifier)):
+        dense = torch.compile(model)
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        opt = dyncompile.optimize(model, methods=["early_exit"], calibration=cal)
+        runtime = opt.state.forms["early_exit"]
+        for label, batch in timing.items():
+            reps = repeats if label.startswith("1x") else max(5, repeats // 3)
+            fns = {"dense": lambda b=batch, d=dense: call_batch(d, b)}
+            info: dict[str, tuple[float, float]] = {}
+            for b in (1.0, NONE_LEAVE, *BUDGETS):
+                def call(b: Any = b, batch: Any = batch) -> Any:
+                    if b == NONE_LEAVE:
+                        with _NoneLeave(runtime), dyncompile.budget(0.5):
+                            return call_batch(opt, batch)
+                    with dyncompile.budget(b):
+                        return call_batch(opt, batch)
+                with torch.no_grad():
+                    call()
+                    call()
+                info[str(b)] = (opt.stats.fraction, opt.stats.ratio("exit_depth") or 1.0)
+                fns[str(b)] = call
+            with torch.no_grad():
+                t = time_interleaved(fns, repeats=reps, warmup=2)
+            for b in (1.0, NONE_LEAVE, *BUDGETS):
+                spent, depth = info[str(b)]
+                rows.append({"what": what, "shape": label, "budget": b, "spent": spent,
+                             "depth": depth, "dense_ms": 1e3 * t["dense"],
+                             "ms": 1e3 * t[str(b)], "speedup": t["dense"] / t[str(b)]})
+                print(rows[-1], flush=True)
+        graphs[what] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    return {"meta": {**device_info(), "repeats": repeats}, "rows": rows,
+            "graphs_compiled": graphs}
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = ["| model | tokens | budget | FLOPs spent | mean depth | dense ms | early_exit ms "
+             "| speedup |", "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['what']} | {r['shape']} | {r['budget']} | {r['spent']:.3f} | "
+                     f"{r['depth']:.3f} | {r['dense_ms']:.2f} | {r['ms']:.2f} | "
+                     f"{r['speedup']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--json", default="benchmarks/results/early_exit_speed.json")
+    args = ap.parse_args()
+    res = run(args.repeats)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    print(table(res))
+    print(f"graphs compiled (dyn graphs and pieces): {res['graphs_compiled']}")
+    m = res["meta"]
+    print(f"\n{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}, {m['date']}")
+
+
+if __name__ == "__main__":
+    main()
