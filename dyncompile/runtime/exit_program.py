@@ -140,11 +140,25 @@ def _head_at(g: ExitGraph, env: dict[fx.Node, Any], state: torch.Tensor) -> dict
     return dict(zip(g.head.outputs, outs))
 
 
+def select_rows(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``v.index_select(0, idx)`` laid out like ``v`` (same stride order): compiled pieces
+    check their inputs' strides."""
+    if v.is_contiguous() or v.dim() < 2:
+        return v.index_select(0, idx)
+    order = sorted(range(v.dim()), key=lambda d: (-v.stride(d), d))
+    shape = list(v.shape)
+    shape[0] = idx.numel()
+    out = v.new_empty([shape[d] for d in order]).permute(
+        *sorted(range(v.dim()), key=order.__getitem__))
+    out.copy_(v.index_select(0, idx))
+    return out
+
+
 def _rows(env: dict[fx.Node, Any], g: ExitGraph, idx: torch.Tensor) -> dict[fx.Node, Any]:
     out = {}
     for n, v in env.items():
         if n in g.batch and isinstance(v, torch.Tensor):
-            out[n] = v.index_select(0, idx)
+            out[n] = select_rows(v, idx)
         elif n in g.batch_ints:
             out[n] = int(idx.numel())
         else:

@@ -236,3 +236,20 @@ def test_backend_calibrates_on_first_inputs(dyncompile_log):
     assert any("calibrating on the first inputs" in m for m in dyncompile_log)
     torch.testing.assert_close(dense, model(**x).last_hidden_state)
     assert not torch.allclose(early, dense)
+
+
+def test_decoder_generate_under_inductor():
+    """Compiled pieces see rows selected from strided cache tensors (layout kept)."""
+    model = _llama()
+    opt = _optimized(model, [_ids(4, 16, s) for s in range(2)], compiler="inductor")
+    ids = _ids(2, 6, seed=5)["input_ids"]
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4,
+              min_new_tokens=4, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        with dyncompile.budget(1.0):
+            assert torch.equal(opt.generate(ids, **kw), ref)
+        with dyncompile.budget(0.3):
+            out = opt.generate(ids, **kw)
+            assert opt.stats.ratio("exit_depth") < 1.0
+    assert out.shape == ref.shape
