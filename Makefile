@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/ruff check dyncompile tests examples benchmarks
 
 bench: setup
-	$(VENV)/bin/dyncompile bench --methods gated,gated:allocation=greedy,expert --update-md BENCHMARKS.md
+	$(VENV)/bin/dyncompile bench --methods gated,gated:allocation=greedy,expert,early_exit --update-md BENCHMARKS.md
 
 bench-quick: setup
 	$(VENV)/bin/dyncompile bench --quick --out .cache/bench-quick
