@@ -77,7 +77,8 @@ def run(repeats: int) -> dict[str, Any]:
             fns = {"dense": lambda b=batch, d=dense: call_batch(d, b)}
             info: dict[str, tuple[float, float]] = {}
             for b in (1.0, NONE_LEAVE, *BUDGETS):
-                def call(b: Any = b, batch: Any = batch) -> Any:
+                def call(b: Any = b, batch: Any = batch, opt: Any = opt,
+                         runtime: Any = runtime) -> Any:
                     if b == NONE_LEAVE:
                         with _NoneLeave(runtime), dyncompile.budget(0.5):
                             return call_batch(opt, batch)

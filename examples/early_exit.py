@@ -41,7 +41,7 @@ def minilm() -> None:
     for b in (1.0, 0.8, 0.6, 0.4):
         depth, spent = [], []
 
-        def call(*args, **kwargs):
+        def call(*args, depth=depth, spent=spent, **kwargs):
             out = opt(*args, **kwargs)
             depth.append(opt.stats.ratio("exit_depth") or 1.0)
             spent.append(opt.stats.fraction)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+MAX_CANDIDATES = 512  # thresholds tried when fitting the budget curve
+
 
 def isotonic(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Non-decreasing least-squares fit of ``values`` (pool adjacent violators)."""
@@ -36,10 +38,11 @@ def isotonic(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class QualityMap:
-    """Signal -> predicted quality at one exit: ``values[bucketize(signal, edges)]``."""
+    """Signal -> predicted quality at one exit: the isotonic bin means, interpolated
+    linearly between the bins' mean signals (``centers``) and constant beyond them."""
 
-    edges: torch.Tensor   # [bins - 1], increasing
-    values: torch.Tensor  # [bins], non-decreasing
+    centers: torch.Tensor  # [bins], increasing
+    values: torch.Tensor   # [bins], non-decreasing
 
     @classmethod
     def fit(cls, signal: torch.Tensor, target: torch.Tensor, bins: int = 24) -> QualityMap:
@@ -52,18 +55,24 @@ class QualityMap:
         n = edges.numel() + 1
         count = torch.bincount(idx, minlength=n).float()
         total = torch.bincount(idx, weights=target, minlength=n)
-        mean = torch.where(count > 0, total / count.clamp_min(1), torch.nan)
-        # Empty bins take their left neighbour's value (or the first filled one).
-        filled = mean.clone()
-        last = float(mean[~mean.isnan()][0])
-        for i in range(n):
-            if torch.isnan(filled[i]):
-                filled[i] = last
-            last = float(filled[i])
-        return cls(edges, isotonic(filled, count.clamp_min(1e-6)))
+        where = torch.bincount(idx, weights=signal, minlength=n)
+        full = count > 0
+        # One pseudo-observation at the overall mean: a small bin that agreed every time
+        # ranks below a large one that did (no saturated ties at 1.0).
+        prior = float(target.mean())
+        mean = (total[full] + prior) / (count[full] + 1.0)
+        centers = where[full] / count[full]
+        return cls(centers.contiguous(), isotonic(mean, count[full]))
 
     def __call__(self, signal: torch.Tensor) -> torch.Tensor:
-        return self.values[torch.bucketize(signal.float().contiguous(), self.edges)]
+        s = signal.float().contiguous()
+        c, v = self.centers, self.values
+        if c.numel() == 1:
+            return v.expand_as(s).clone()
+        i = torch.bucketize(s, c).clamp(1, c.numel() - 1)
+        c0, c1, v0, v1 = c[i - 1], c[i], v[i - 1], v[i]
+        t = ((s - c0) / (c1 - c0).clamp_min(1e-12)).clamp(0.0, 1.0)
+        return v0 + t * (v1 - v0)
 
 
 def exit_layers(quality: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -90,6 +99,8 @@ class ThresholdCurve:
         = cost fraction of a row leaving at exit k (k = 1..K+1, the last entry = running
         the whole model with its exit checks)."""
         cands = torch.unique(quality.flatten())
+        if cands.numel() > MAX_CANDIDATES:
+            cands = torch.unique(torch.quantile(cands, torch.linspace(0, 1, MAX_CANDIDATES)))
         cands = torch.cat([cands, torch.tensor([float("inf")])])
         cost = exit_cost if callable(exit_cost) else (lambda t: exit_cost)
         fr = torch.stack([cost(float(t))[exit_layers(quality, float(t)) - 1].mean()

@@ -98,13 +98,18 @@ class ExitGraph:
         inside the backend, while dynamo's tracing context is active."""
         if compiler == "eager" or self.compiled:
             return
+        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        for p in [*self.segments, self.head, *[f for f in self.fills if f is not None]]:
-            if p.nodes:
-                example = [n.meta.get("example_value", n.meta.get("val")) for n in p.inputs]
-                p.fn = compile_fx(p.module, example)
-                self.graphs += 1
+        # No FX graph cache: a cached piece's shape guards name the sources of the dynamo
+        # frame that first compiled it, which a later frame's lookup cannot evaluate.
+        with inductor_config.patch(fx_graph_cache=False):
+            for p in [*self.segments, self.head, *[f for f in self.fills if f is not None]]:
+                if p.nodes:
+                    example = [n.meta.get("example_value", n.meta.get("val"))
+                               for n in p.inputs]
+                    p.fn = compile_fx(p.module, example)
+                    self.graphs += 1
         self.compiled = True
 
 
@@ -219,7 +224,7 @@ class ExitRunner:
             states.append(env[g.stream[k]])
             g.segments[k].run(env)
         g.head.run(env)
-        self.runtime.observe_states(states, env[g.stream[-1]])
+        self.runtime.observe_states(states, env[g.stream[-1]], g, env)
         return self._outputs(env)
 
     def _calibrate(self, env: dict[fx.Node, Any]) -> list[Any]:

@@ -253,3 +253,17 @@ def test_decoder_generate_under_inductor():
             out = opt.generate(ids, **kw)
             assert opt.stats.ratio("exit_depth") < 1.0
     assert out.shape == ref.shape
+
+
+def test_adapters_tuned_through_the_head_move_towards_the_final_output():
+    model = _bert()
+    cal = [_ids(8, 8, s) for s in range(3)]
+    plain = _optimized(model, cal)
+    tuned = _optimized(model, cal, form_options={"early_exit": {"tune_steps": 30}})
+    a = plain.state.forms["early_exit"].adapters
+    b = tuned.state.forms["early_exit"].adapters
+    assert len(a) == len(b) == 3
+    assert all(not torch.equal(x["w"], y["w"]) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="tune_steps"):
+        dyncompile.DynConfig(methods=("early_exit",),
+                             form_options={"early_exit": {"tune_steps": -1}})

@@ -46,6 +46,23 @@ log = logging.getLogger("dyncompile")
 # ---------------------------------------------------------------------------- runtime
 
 MAX_STATE_ROWS = 4096  # stream rows kept per calibration call for fitting adapters
+MAX_TUNE_CALLS = 16    # calibration calls kept whole for tuning adapters through the head
+
+
+def _non_negative(value: Any) -> str | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return None
+    return "must be an int >= 0"
+
+
+def _tune_loss(signal: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if signal == CONFIDENCE:
+        logp = out.log_softmax(-1)
+        p = target.softmax(-1)
+        return (p * (p.clamp_min(1e-12).log() - logp)).sum(-1).mean()
+    pooled = out.flatten(1, -2).mean(1) if out.dim() > 2 else out
+    ref = target.flatten(1, -2).mean(1) if target.dim() > 2 else target
+    return 1.0 - torch.nn.functional.cosine_similarity(pooled, ref, dim=-1).mean()
 
 
 def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor,
@@ -81,7 +98,7 @@ class ExitRuntime:
     """Calibrated exit quality maps and the budget -> threshold curve of one model."""
 
     def __init__(self, adapter: str = "affine", adapter_rank: int | None = None,
-                 signal: str = "adapted") -> None:
+                 signal: str = "adapted", tune_steps: int = 0) -> None:
         self.signals: list[torch.Tensor] = []
         self.qualities: list[torch.Tensor] = []
         self.cost_fn: Any = None
@@ -97,15 +114,26 @@ class ExitRuntime:
         self.states: list[list[torch.Tensor]] = []
         self.recording = False
         self.graphs: list[ExitGraph] = []  # the cut graphs using this runtime
+        self.tune_steps = tune_steps
+        self.calls: list[Any] = []
 
     @property
     def calibrated(self) -> bool:
         return self.curve is not None
 
-    def observe_states(self, states: list[torch.Tensor], final: torch.Tensor) -> None:
-        """Record the stream at each exit and the final state (calibration, first pass)."""
+    def observe_states(self, states: list[torch.Tensor], final: torch.Tensor,
+                       graph: ExitGraph | None = None, env: dict | None = None) -> None:
+        """Record the stream at each exit and the final state (calibration, first pass);
+        with ``graph`` and ``env``, also what the head needs to tune the adapters on."""
         if self.states and len(states) != len(self.states[0]) - 1:
             return
+        if graph is not None and env is not None and self.tune_steps \
+                and len(self.calls) < MAX_TUNE_CALLS:
+            f = graph.stream[-1]
+            inputs = {n: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                      for n, v in env.items() if n in graph.head.inputs and n is not f}
+            self.calls.append((graph, [x.detach().clone() for x in states], inputs,
+                               env[graph.primary].detach().float().clone()))
         width = final.shape[-1]
         rows = [s.detach().reshape(-1, width) for s in [*states, final]]
         n = rows[0].shape[0]
@@ -159,9 +187,38 @@ class ExitRuntime:
             cols = [torch.cat([c[k] for c in self.states]) for k in range(exits + 1)]
             self.adapters = ([fit_adapter(cols[k], cols[-1], self.adapter_rank)
                               for k in range(exits)] if self.adapter == "affine" else [])
-            self.states = []
+            if self.adapters and self.calls and "w" in self.adapters[0]:
+                self._tune()
+            self.states, self.calls = [], []
             self.recording = True
         self._fit_maps()
+
+    def _tune(self) -> None:
+        """Tune each exit's affine adapter through the model's own head: minimise the KL
+        divergence from the full model's output distribution (confidence), or one minus
+        the cosine of the pooled outputs (convergence), on the calibration calls."""
+        from tqdm.auto import tqdm
+
+        if any(not c[0].head.nodes for c in self.calls):
+            return
+        for k in tqdm(range(len(self.adapters)), desc="tuning exit adapters", leave=False,
+                      disable=len(self.adapters) < 2):
+            a = self.adapters[k]
+            w = a["w"].clone().requires_grad_(True)
+            b = a["b"].clone().requires_grad_(True)
+            opt = torch.optim.Adam([w, b], lr=1e-3)
+            with torch.enable_grad():
+                for step in range(self.tune_steps):
+                    g, states, inputs, target = self.calls[step % len(self.calls)]
+                    f = g.stream[-1]
+                    h = torch.nn.functional.linear(states[k], w, b)
+                    out = g.head.module(*[h if n is f else inputs[n]
+                                          for n in g.head.inputs])[g.head.outputs.index(g.primary)]
+                    loss = _tune_loss(g.signal, out.float(), target)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            a["w"], a["b"] = w.detach().contiguous(), b.detach().contiguous()
 
     def refine(self, run_at: Any) -> None:
         """Second calibration pass at budget 1.0: every exit's signal and quality."""
@@ -223,7 +280,7 @@ class ExitRuntime:
         assert self.curve is not None
         tensors = {"thresholds": self.curve.thresholds, "fractions": self.curve.fractions}
         for k, m in enumerate(self.maps):
-            tensors[f"edges.{k}"] = m.edges
+            tensors[f"centers.{k}"] = m.centers
             tensors[f"values.{k}"] = m.values
         for k, a in enumerate(self.adapters):
             for name, t in a.items():
@@ -234,7 +291,7 @@ class ExitRuntime:
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 model: torch.nn.Module) -> None:
-        self.maps = [QualityMap(tensors[f"edges.{k}"], tensors[f"values.{k}"])
+        self.maps = [QualityMap(tensors[f"centers.{k}"], tensors[f"values.{k}"])
                      for k in range(int(meta["exits"]))]
         self.curve = ThresholdCurve(tensors["thresholds"], tensors["fractions"])
         self.signal = meta.get("signal", "")
@@ -374,7 +431,7 @@ class EarlyExitForm(Pass):
     name = "early_exit"
     version = "1"
     options: dict[str, Any] = {"adapter": ("affine", "none"), "adapter_rank": positive_int,
-                               "signal_from": ("adapted", "raw")}
+                               "signal_from": ("adapted", "raw"), "tune_steps": _non_negative}
     runtime = ExitRuntime
     dynamic_batch = True
 
@@ -387,7 +444,7 @@ class EarlyExitForm(Pass):
         opts = dict(ctx.config.form_options.get(self.name, {}))
         runtime = ctx.state.form(self.name, lambda: ExitRuntime(
             opts.get("adapter", "affine"), opts.get("adapter_rank"),
-            opts.get("signal_from", "adapted")))
+            opts.get("signal_from", "adapted"), int(opts.get("tune_steps", 0))))
         ctx.program = ExitRunner(graph, runtime, ctx.state)
         runtime.graphs.append(graph)
         gm.meta["dyn_exit_graph"] = graph
