@@ -11,11 +11,10 @@ runtime reports and the mean depth. ``compiler="eager"`` (quality only).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
+from _results import finish, markdown_table
 
 import dyncompile
 from dyncompile.eval.registry import make_workload
@@ -58,13 +57,12 @@ def run(budgets: list[float]) -> dict[str, Any]:
 
 def table(res: dict[str, Any]) -> str:
     acc = res["dense"]["accuracy"]
-    lines = ["| variant | budget | accuracy | % of dense | agreement | FLOPs spent | mean depth |",
-             "|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['variant']} | {r['budget']} | {r['accuracy']:.3f} | "
-                     f"{100 * r['accuracy'] / acc:.1f} | {r['agreement']:.3f} | "
-                     f"{r['spent']:.3f} | {r['depth']:.3f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["variant", "budget", "accuracy", "% of dense", "agreement", "FLOPs spent",
+         "mean depth"],
+        [[r["variant"], r["budget"], f"{r['accuracy']:.3f}", f"{100 * r['accuracy'] / acc:.1f}",
+          f"{r['agreement']:.3f}", f"{r['spent']:.3f}", f"{r['depth']:.3f}"]
+         for r in res["rows"]])
 
 
 def main() -> None:
@@ -73,10 +71,7 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/early_exit_ablation.json")
     args = ap.parse_args()
     res = run([float(b) for b in args.budgets.split(",")])
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-    print(table(res))
-    print(f"\n{res['meta']['cpu_model']}, torch {res['meta']['torch']}, {res['meta']['date']}")
+    finish(res, args.json, table(res))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ runtime reports. Also counts the graphs dynamo compiled for the pieces.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
+from _results import finish, markdown_table
 
 import dyncompile
 from dyncompile.eval.corpus import splits
@@ -104,13 +103,12 @@ def run(repeats: int) -> dict[str, Any]:
 
 
 def table(res: dict[str, Any]) -> str:
-    lines = ["| model | tokens | budget | FLOPs spent | mean depth | dense ms | early_exit ms "
-             "| speedup |", "|---|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['what']} | {r['shape']} | {r['budget']} | {r['spent']:.3f} | "
-                     f"{r['depth']:.3f} | {r['dense_ms']:.2f} | {r['ms']:.2f} | "
-                     f"{r['speedup']:.2f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["model", "tokens", "budget", "FLOPs spent", "mean depth", "dense ms", "early_exit ms",
+         "speedup"],
+        [[r["what"], r["shape"], r["budget"], f"{r['spent']:.3f}", f"{r['depth']:.3f}",
+          f"{r['dense_ms']:.2f}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}"]
+         for r in res["rows"]])
 
 
 def main() -> None:
@@ -119,13 +117,9 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/early_exit_speed.json")
     args = ap.parse_args()
     res = run(args.repeats)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-    print(table(res))
-    print(f"graphs compiled (dynamo graphs, dense and dyn; Inductor pieces of the cut "
-          f"graphs): {res['graphs_compiled']}")
-    m = res["meta"]
-    print(f"\n{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}, {m['date']}")
+    finish(res, args.json, table(res),
+           f"graphs compiled (dynamo graphs, dense and dyn; Inductor pieces of the cut "
+           f"graphs): {res['graphs_compiled']}")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
+from _results import finish, markdown_table
 from torch import nn
 
 import dyncompile
@@ -99,13 +98,11 @@ def run(repeats: int) -> dict[str, Any]:
 
 
 def table(res: dict[str, Any]) -> str:
-    lines = ["| what | tokens | budget | FFN compute spent | dense ms | expert ms | speedup |",
-             "|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        spent = f"{r['spent_ffn']:.3f}" if r["spent_ffn"] is not None else "-"
-        lines.append(f"| {r['what']} | {r['shape']} | {r['budget']} | {spent} | "
-                     f"{r['dense_ms']:.2f} | {r['ms']:.2f} | {r['speedup']:.2f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["what", "tokens", "budget", "FFN compute spent", "dense ms", "expert ms", "speedup"],
+        [[r["what"], r["shape"], r["budget"],
+          f"{r['spent_ffn']:.3f}" if r["spent_ffn"] is not None else "-",
+          f"{r['dense_ms']:.2f}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}"] for r in res["rows"]])
 
 
 def main() -> None:
@@ -114,11 +111,7 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/expert_speed.json")
     args = ap.parse_args()
     res = run(args.repeats)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-    print(table(res))
-    m = res["meta"]
-    print(f"\n{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}, {m['date']}")
+    finish(res, args.json, table(res))
 
 
 if __name__ == "__main__":

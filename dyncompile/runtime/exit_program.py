@@ -57,6 +57,7 @@ class ExitGraph:
     segment_cost: list[float]          # linear FLOPs per row-token of each segment
     head_cost: float
     fill_cost: list[float]
+    whole: Piece | None = None         # the whole graph as one piece: runs when no exit can fire
     static_rows: bool = False          # batch traced as a constant > 1: all rows leave or none
     compiled: bool = False
     graphs: int = 0
@@ -104,7 +105,8 @@ class ExitGraph:
         # No FX graph cache: a cached piece's shape guards name the sources of the dynamo
         # frame that first compiled it, which a later frame's lookup cannot evaluate.
         with inductor_config.patch(fx_graph_cache=False):
-            for p in [*self.segments, self.head, *[f for f in self.fills if f is not None]]:
+            pieces = [*self.segments, self.head, *[f for f in self.fills if f is not None]]
+            for p in [*pieces, *([self.whole] if self.whole is not None else [])]:
                 if p.nodes:
                     example = [n.meta.get("example_value", n.meta.get("val"))
                                for n in p.inputs]
@@ -194,6 +196,8 @@ class ExitRunner:
             result = self._calibrate(env)
         elif value >= 1.0 or g.exits < 1:
             result = self._dense(env)
+        elif not any(self.runtime.plan(self.runtime.threshold(value), g.exits)[0]):
+            result = self._dense(env)
         else:
             threshold = self.runtime.threshold(value)
             first = g.stream[1] if len(g.stream) > 1 else g.stream[-1]
@@ -207,6 +211,10 @@ class ExitRunner:
         return [env[o] if isinstance(o, fx.Node) else o for o in self.g.outputs]
 
     def _dense(self, env: dict[fx.Node, Any]) -> list[Any]:
+        """Every layer, no exit checked: the whole graph in one compiled piece."""
+        if self.g.whole is not None:
+            self.g.whole.run(env)
+            return self._outputs(env)
         for seg in self.g.segments:
             seg.run(env)
         self.g.head.run(env)

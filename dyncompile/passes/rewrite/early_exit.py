@@ -493,6 +493,7 @@ class EarlyExitForm(Pass):
         head_out = [o for o in outputs if isinstance(o, fx.Node) and
                     (o in set(head_nodes) or o is f)]
         head = build_piece(gm, "head", head_nodes, head_out)
+        whole = build_piece(gm, "whole", body, [o for o in outputs if isinstance(o, fx.Node)])
         # Graph outputs made inside a layer (a decoder's cache) need filling for exited rows.
         fills: list[Any] = []
         first_seg = set(seg_nodes[0])
@@ -549,7 +550,7 @@ class EarlyExitForm(Pass):
             head_cost=_linear_cost(head_nodes, linears),
             fill_cost=[_linear_cost(p.nodes, linears) if p is not None else 0.0
                        for p in fills],
-            static_rows=isinstance(batch, sympy.Integer) and int(batch) > 1)
+            static_rows=isinstance(batch, sympy.Integer) and int(batch) > 1, whole=whole)
 
 
 def _numel_hint(t: torch.Tensor) -> int:
