@@ -76,13 +76,3 @@ def build_piece(gm: fx.GraphModule, name: str, nodes: Iterable[fx.Node],
     graph.output(tuple(env[o] for o in outputs))
     module = fx.GraphModule(gm, graph, class_name=f"Piece_{name}")
     return Piece(name=name, nodes=chosen, inputs=inputs, outputs=outputs, module=module)
-
-
-def users_outside(nodes: Iterable[fx.Node], later: Iterable[fx.Node]) -> list[fx.Node]:
-    """Nodes of ``nodes`` read by a node of ``later`` (or by the graph output)."""
-    later_set = set(later)
-    out = []
-    for n in nodes:
-        if any(u in later_set or u.op == "output" for u in n.users):
-            out.append(n)
-    return out

@@ -35,7 +35,15 @@ from ...runtime.exit_fit import QualityMap, ThresholdCurve
 from ...runtime.exit_program import CONFIDENCE, CONVERGENCE, ExitGraph, ExitRunner
 from ..base import Pass, PassContext, positive_int
 from ..blocks import ResidualBlock
-from ..graph_utils import node_value, position, shape_of, sym, tensor_value, to_nx
+from ..graph_utils import (
+    node_value,
+    placeholder_info,
+    position,
+    shape_of,
+    sym,
+    tensor_value,
+    to_nx,
+)
 from ..linears import LinearSite
 from ..pieces import build_piece
 from . import register_form
@@ -561,6 +569,4 @@ def _numel_hint(t: torch.Tensor) -> int:
 
 
 def _placeholder_kind(n: fx.Node) -> str:
-    from ..graph_utils import placeholder_info
-
     return placeholder_info(n)[0]
