@@ -47,7 +47,7 @@ class _NoneLeave:
     def __enter__(self) -> None:
         n = len(self.rt.maps)
         self.saved = (self.rt.plan, self.rt.quality)
-        self.rt.plan = lambda t, k: ([False] * k, [True] * k)
+        self.rt.plan = lambda t, k: ([True] * k, [True] * k)
         self.rt.quality = lambda k, s: torch.zeros_like(s)
         assert n > 0
 

@@ -160,6 +160,9 @@ def _mark_batch_dynamic(values: list[Any]) -> None:
     """Let dynamo trace dim 0 (the batch) of the input tensors as a symbol: tensors given
     directly, and tensors held in lists, dicts or objects (a KV cache) whose dim 0 equals
     the first input tensor's."""
+    direct = [v for v in values if isinstance(v, torch.Tensor) and v.dim() >= 1]
+    if direct and direct[0].shape[0] < 2:
+        return  # a batch of one: nothing to mark (the common decoding case)
     tensors: list[torch.Tensor] = []
     seen: set[int] = set()
 
