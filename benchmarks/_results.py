@@ -15,6 +15,23 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def minilm_batches(shapes: Iterable[tuple[int, int]]) -> tuple[list[Any], dict[str, Any]]:
+    """MiniLM calibration batches (the harness's 256 calibration sentences, 32 per batch)
+    and timing batches of real sentences of exactly ``seq`` tokens, keyed "BxS"."""
+    import torch
+
+    from dyncompile.eval.corpus import splits
+    from dyncompile.eval.minilm import _exact_length_batch, load_tokenizer, tokenize
+
+    torch.set_num_threads(2)
+    torch._dynamo.config.recompile_limit = 64
+    tok = load_tokenizer()
+    texts = [x.text for x in splits().calibration]
+    cal = [tokenize(tok, texts[i * 32:(i + 1) * 32]) for i in range(8)]
+    timing = {f"{b}x{n}": _exact_length_batch(tok, texts, b, n) for b, n in shapes}
+    return cal, timing
+
+
 def finish(res: dict[str, Any], path: str | Path, table: str, *notes: str) -> None:
     """Write ``res`` as JSON to ``path``, print the table, any notes and the device line."""
     out = Path(path)

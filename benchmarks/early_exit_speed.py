@@ -19,15 +19,11 @@ import argparse
 from typing import Any
 
 import torch
-from _results import finish, markdown_table
+from _results import finish, markdown_table, minilm_batches
 
 import dyncompile
-from dyncompile.eval.corpus import splits
 from dyncompile.eval.minilm import (
     ClassifierWorkload,
-    _exact_length_batch,
-    load_tokenizer,
-    tokenize,
 )
 from dyncompile.eval.timing import device_info, time_interleaved
 from dyncompile.runtime.module import call_batch
@@ -56,13 +52,7 @@ class _NoneLeave:
 
 
 def run(repeats: int) -> dict[str, Any]:
-    torch.set_num_threads(2)
-    torch._dynamo.config.recompile_limit = 64
-    tok = load_tokenizer()
-    s = splits()
-    cal_texts = [x.text for x in s.calibration]
-    cal = [tokenize(tok, cal_texts[i * 32:(i + 1) * 32]) for i in range(8)]
-    timing = {f"{b}x{n}": _exact_length_batch(tok, cal_texts, b, n) for b, n in SHAPES}
+    cal, timing = minilm_batches(SHAPES)
     rows: list[dict[str, Any]] = []
     graphs: dict[str, int] = {}
     classifier = ClassifierWorkload().model

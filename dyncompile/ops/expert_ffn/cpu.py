@@ -308,6 +308,15 @@ static void gemm_rm(bool b_t, int64_t m, int64_t n, int64_t k, const float* a, i
   else ct.mul_(beta).addmm_(at_, bt);
 }
 
+// Adds b[0:w] to each of the ``rows`` rows of h (row stride w).
+static inline void add_bias_rows(float* h, const float* b, int64_t rows, int64_t w) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* r = h + i * w;
+    #pragma omp simd
+    for (int64_t j = 0; j < w; ++j) r[j] += b[j];
+  }
+}
+
 // In place on a contiguous fp32 buffer: torch's own (vectorised) kernels, so the
 // values are those of reference.apply_activation.
 static void act_buf(float* p, int64_t len, int64_t kind) {
@@ -415,25 +424,11 @@ void run_block(const Ffn& f, int64_t t0, int64_t t1, int64_t e0, int64_t e1, flo
         std::memcpy(xs + i * d, f.x + tk[i] * d, sizeof(float) * d);
       float* h = s.h.data() + ho;
       gemm_rm(true, gr.count, gr.w, d, xs, d, f.up + gr.lo * d, d, 0.0f, h, gr.w);
-      if (f.bup) {
-        const float* b = f.bup + gr.lo;
-        for (int64_t i = 0; i < gr.count; ++i) {
-          float* r = h + i * gr.w;
-          #pragma omp simd
-          for (int64_t j = 0; j < gr.w; ++j) r[j] += b[j];
-        }
-      }
+      if (f.bup) add_bias_rows(h, f.bup + gr.lo, gr.count, gr.w);
       if (f.glu) {
         float* gg = s.g.data() + ho;
         gemm_rm(true, gr.count, gr.w, d, xs, d, f.gate + gr.lo * d, d, 0.0f, gg, gr.w);
-        if (f.bgate) {
-          const float* b = f.bgate + gr.lo;
-          for (int64_t i = 0; i < gr.count; ++i) {
-            float* r = gg + i * gr.w;
-            #pragma omp simd
-            for (int64_t j = 0; j < gr.w; ++j) r[j] += b[j];
-          }
-        }
+        if (f.bgate) add_bias_rows(gg, f.bgate + gr.lo, gr.count, gr.w);
       }
       ho += gr.count * gr.w;
     }
