@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -67,7 +68,7 @@ class ExitGraph:
     def exits(self) -> int:
         return len(self.segments) - 1
 
-    @property
+    @cached_property
     def width(self) -> int:
         return int(self.stream[-1].meta["example_value"].shape[-1]) \
             if "example_value" in self.stream[-1].meta else 0
@@ -196,10 +197,9 @@ class ExitRunner:
             result = self._calibrate(env)
         elif value >= 1.0 or g.exits < 1:
             result = self._dense(env)
-        elif not any(self.runtime.plan(self.runtime.threshold(value), g.exits)[0]):
+        elif not any(self.runtime.plan(threshold := self.runtime.threshold(value), g.exits)[0]):
             result = self._dense(env)
         else:
-            threshold = self.runtime.threshold(value)
             first = g.stream[1] if len(g.stream) > 1 else g.stream[-1]
             g.segments[0].run(env)
             tokens = g.token_level and env[first].dim() >= 3 and env[first].shape[1] > 1
