@@ -59,6 +59,9 @@ class ExitGraph:
     head_cost: float
     fill_cost: list[float]
     whole: Piece | None = None         # the whole graph as one piece: runs when no exit can fire
+    pool: Piece | None = None          # the head's pooling region (passes.pooling), if any
+    post: Piece | None = None          # the rest of the head, from the pooled values
+    post_cost: float = 0.0             # linear FLOPs per row of ``post``
     static_rows: bool = False          # batch traced as a constant > 1: all rows leave or none
     compiled: bool = False
     graphs: int = 0
@@ -73,20 +76,29 @@ class ExitGraph:
         return int(self.stream[-1].meta["example_value"].shape[-1]) \
             if "example_value" in self.stream[-1].meta else 0
 
-    def exit_cost(self, per_exit: float = 0.0, checked: list[bool] | None = None,
-                  on_leave: float = 0.0) -> torch.Tensor:
+    def unit_costs(self, tokens: float, adapter: float, pooled: bool) -> tuple[float, float]:
+        """(head, adapter) cost per row-token: ``adapter`` is the exit adapter's FLOPs per
+        row it maps; pooled, both apply once per row of ``tokens`` tokens."""
+        if pooled:
+            t = max(tokens, 1.0)
+            return self.post_cost / t, adapter / t
+        return self.head_cost, adapter
+
+    def exit_cost(self, check: float = 0.0, checked: list[bool] | None = None,
+                  on_leave: float = 0.0, head: float | None = None) -> torch.Tensor:
         """Cost fraction of a row leaving at exit k = 1..K, then of running every layer.
 
-        ``per_exit`` is the extra cost of evaluating one exit (its adapter);
+        ``check`` is the cost of evaluating one exit (head and adapter);
         ``checked[k - 1]`` says whether exit k is evaluated at all (default: all);
-        ``on_leave`` is what a leaving row costs once (its adapted output).
+        ``on_leave`` is what a leaving row costs once (its adapted output); ``head`` is
+        the model's own head (default: ``head_cost``). All per row-token.
         """
         seg = torch.tensor(self.segment_cost, dtype=torch.float64)
         fill = torch.tensor(self.fill_cost, dtype=torch.float64)
         checked = [True] * self.exits if checked is None else checked
-        dense = float(seg.sum()) + self.head_cost
-        check = self.head_cost + per_exit
-        first = self.head_cost if self.signal == CONVERGENCE and checked and checked[0] else 0.0
+        head = self.head_cost if head is None else head
+        dense = float(seg.sum()) + head
+        first = head if self.signal == CONVERGENCE and checked and checked[0] else 0.0
         costs = []
         for k in range(1, self.exits + 1):
             costs.append(float(seg[:k].sum()) + sum(checked[:k]) * check
@@ -106,7 +118,8 @@ class ExitGraph:
         # No FX graph cache: a cached piece's shape guards name the sources of the dynamo
         # frame that first compiled it, which a later frame's lookup cannot evaluate.
         with inductor_config.patch(fx_graph_cache=False):
-            pieces = [*self.segments, self.head, *[f for f in self.fills if f is not None]]
+            pieces = [*self.segments, self.head, *[f for f in self.fills if f is not None],
+                      *[p for p in (self.pool, self.post) if p is not None]]
             for p in [*pieces, *([self.whole] if self.whole is not None else [])]:
                 if p.nodes:
                     example = [n.meta.get("example_value", n.meta.get("val"))
@@ -148,6 +161,31 @@ def _head_at(g: ExitGraph, env: dict[fx.Node, Any], state: torch.Tensor) -> dict
     return dict(zip(g.head.outputs, outs))
 
 
+def _pool_at(g: ExitGraph, env: dict[fx.Node, Any], state: torch.Tensor) -> list[torch.Tensor]:
+    """The head's pooled values for the stream value ``state``."""
+    assert g.pool is not None
+    f = g.stream[-1]
+    return list(g.pool.fn(*[state if n is f else env[n] for n in g.pool.inputs]))
+
+
+def _post_at(g: ExitGraph, env: dict[fx.Node, Any], pooled: list[torch.Tensor],
+             state: torch.Tensor) -> dict[fx.Node, Any]:
+    """The head's outputs from its pooled values (``state`` only lends its shape)."""
+    assert g.pool is not None and g.post is not None
+    f = g.stream[-1]
+    vals = dict(zip(g.pool.outputs, pooled))
+    if not g.post.nodes:
+        return {o: vals[o] if o in vals else env[o] for o in g.post.outputs}
+    outs = g.post.fn(*[vals[n] if n in vals else (state if n is f else env[n])
+                       for n in g.post.inputs])
+    return dict(zip(g.post.outputs, outs))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-3) -> bool:
+    a, b = a.float(), b.float()
+    return a.shape == b.shape and bool((a - b).abs().max() <= tol * (b.abs().max() + 1.0))
+
+
 def select_rows(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``v.index_select(0, idx)`` laid out like ``v`` (same stride order): compiled pieces
     check their inputs' strides."""
@@ -184,6 +222,51 @@ class ExitRunner:
 
     def compile(self, compiler: str) -> None:
         self.g.compile(compiler)
+
+    @property
+    def pooled(self) -> bool:
+        """Exits pool before their adapter (the head's pooling region was confirmed)."""
+        return self.g.pool is not None and bool(self.runtime.pool_ok)
+
+    def _exit_heads(self, env: dict[fx.Node, Any], k: int, raw: torch.Tensor,
+                    adapted: bool) -> dict[fx.Node, Any]:
+        """The head's outputs at exit ``k`` for the rows of ``env`` (stream value ``raw``),
+        through the exit's adapter when ``adapted``; pooled first when the head allows."""
+        g, rt = self.g, self.runtime
+        if not self.pooled:
+            return _head_at(g, env, rt.adapt(k, raw) if adapted else raw)
+        pooled = _pool_at(g, env, raw)
+        if adapted and rt.adapters:
+            ones = _pool_at(g, env, torch.ones_like(raw))
+            pooled = [rt.adapt(k, p, bias_scale=o, pooled=True) for p, o in zip(pooled, ones)]
+        return _post_at(g, env, pooled, raw)
+
+    def _check_pool(self, env: dict[fx.Node, Any]) -> bool:
+        """Whether the head's pooling region commutes with a random channel map on these
+        values, and pooling then the rest of the head gives the head's outputs."""
+        g = self.g
+        f = env[g.stream[-1]]
+        width = int(f.shape[-1])
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(width, width, generator=gen) / width ** 0.5
+        b = torch.randn(width, generator=gen)
+        try:
+            mapped = _pool_at(g, env, F.linear(f.float(), w, b).to(f.dtype))
+            pooled = _pool_at(g, env, f)
+            ones = _pool_at(g, env, torch.ones_like(f))
+            commutes = all(_close(m, F.linear(p.float(), w) + o.float() * b)
+                           for m, p, o in zip(mapped, pooled, ones))
+            post = _post_at(g, env, pooled, f)
+            same = all(_close(post[o], env[o]) for o in g.head.outputs
+                       if isinstance(env.get(o), torch.Tensor))
+        except Exception as e:  # a region that cannot run on its own: no pooled exits
+            log.info("early_exit: the head's pooling region does not run alone (%s)", e)
+            return False
+        return commutes and same
+
+    def _tokens_per_row(self, v: torch.Tensor) -> float:
+        rows = int(v.shape[0]) if v.dim() else 1
+        return v.numel() / max(rows * max(self.g.width, 1), 1)
 
     # ------------------------------------------------------------------ entry
 
@@ -232,7 +315,17 @@ class ExitRunner:
             states.append(env[g.stream[k]])
             g.segments[k].run(env)
         g.head.run(env)
-        self.runtime.observe_states(states, env[g.stream[-1]], g, env)
+        rt = self.runtime
+        rt.observe_states(states, env[g.stream[-1]], g, env)
+        if g.pool is not None and rt.pool_ok is not False:
+            rt.pool_ok = self._check_pool(env)
+            if rt.pool_ok:
+                f = env[g.stream[-1]]
+                rt.observe_pooled([_pool_at(g, env, s) for s in [*states, f]],
+                                  _pool_at(g, env, torch.ones_like(f)))
+            else:
+                log.info("early_exit: exits adapt every token (the head's pooling region "
+                         "did not check out)")
         return self._outputs(env)
 
     def _calibrate(self, env: dict[fx.Node, Any]) -> list[Any]:
@@ -242,15 +335,16 @@ class ExitRunner:
         g.segments[0].run(env)
         prev = None
         if g.signal == CONVERGENCE:
-            prev = _signal(g, _head_at(g, env, env[g.stream[0]])[g.primary], None, True)[1]
+            prev = _signal(g, self._exit_heads(env, 0, env[g.stream[0]], False)[g.primary],
+                           None, True)[1]
         signals, summaries = [], []
         rt = self.runtime
         for k in range(1, g.exits + 1):
             raw = env[g.stream[k]]
-            out = _head_at(g, env, rt.signal_state(k, raw))[g.primary]
+            out = self._exit_heads(env, k, raw, rt.signal_adapted)[g.primary]
             s, summ = _signal(g, out, prev, g.token_level)
             if not rt.signal_adapted:  # the quality is that of the adapted output
-                _, summ_out = _signal(g, _head_at(g, env, rt.adapt(k, raw))[g.primary], prev,
+                _, summ_out = _signal(g, self._exit_heads(env, k, raw, True)[g.primary], prev,
                                       g.token_level)
             else:
                 summ_out = summ
@@ -265,7 +359,8 @@ class ExitRunner:
             final = final.reshape(-1)
         quality = [_quality(g, s, final).flatten() for s in summaries]
         if signals:
-            self.runtime.observe(g, torch.stack(signals, 1), torch.stack(quality, 1))
+            rt.observe(g, torch.stack(signals, 1), torch.stack(quality, 1),
+                       self._tokens_per_row(env[g.stream[-1]]), self.pooled)
         return self._outputs(env)
 
     # -------------------------------------------------------------- row mode
@@ -278,11 +373,16 @@ class ExitRunner:
         parts: dict[fx.Node, list[tuple[torch.Tensor, Any]]] = {}
         done: set[fx.Node] = set()
         out_nodes = [o for o in g.outputs if isinstance(o, fx.Node)]
-        fire, checked = self.runtime.plan(threshold, g.exits)
+        rt = self.runtime
+        fire, checked = rt.plan(threshold, g.exits)
+        head, adapter = g.unit_costs(self._tokens_per_row(b0), rt.exit_overhead(g.width),
+                                     self.pooled)
+        check = head + (adapter if rt.signal_adapted else 0.0)
         prev = None
         if g.signal == CONVERGENCE and checked[0]:
-            prev = _signal(g, _head_at(g, env, env[g.stream[0]])[g.primary], None, False)[1]
-        spent = g.segment_cost[0] * total + (g.head_cost * total if prev is not None else 0.0)
+            prev = _signal(g, self._exit_heads(env, 0, env[g.stream[0]], False)[g.primary],
+                           None, False)[1]
+        spent = g.segment_cost[0] * total + (head * total if prev is not None else 0.0)
         summ = None
         depth = total  # layers run, summed over rows (segment 0 ran for all)
         finished = False
@@ -293,12 +393,11 @@ class ExitRunner:
                 spent += g.segment_cost[k] * alive.numel()
                 depth += alive.numel()
                 continue
-            rt = self.runtime
             raw = env[g.stream[k]]
-            heads = _head_at(g, env, rt.signal_state(k, raw))
-            spent += (g.head_cost + rt.check_overhead(g.width)) * alive.numel()
+            heads = self._exit_heads(env, k, raw, rt.signal_adapted)
+            spent += check * alive.numel()
             sig, summ = _signal(g, heads[g.primary], prev, False)
-            quality = self.runtime.quality(k, sig)
+            quality = rt.quality(k, sig)
             leave = quality >= threshold
             if not fire[k - 1]:
                 leave = torch.zeros_like(leave)
@@ -313,20 +412,22 @@ class ExitRunner:
                         parts.setdefault(o, []).append((alive, env[o]))
                         done.add(o)
                 left = _rows(env, g, gone)
-                h = rt.adapt(k, raw.index_select(0, gone))
                 if rt.signal_adapted:
                     outs = {o: v.index_select(0, gone) if o in g.batch else v
                             for o, v in heads.items()}
                 else:
-                    outs = _head_at(g, left, h)
-                    spent += (g.head_cost + rt.exit_overhead(g.width)) * gone.numel()
+                    outs = self._exit_heads(left, k, left[g.stream[k]], True)
+                    spent += (head + adapter) * gone.numel()
                 for o, v in outs.items():
                     if o in out_nodes and o not in done:
                         parts.setdefault(o, []).append((alive[gone], v))
+                h = None
                 for j in range(k, g.exits + 1):
                     fill = g.fills[j]
                     if fill is None:
                         continue
+                    if h is None:  # the exit state later layers' outputs are filled from
+                        h = rt.adapt(k, left[g.stream[k]])
                     fenv = dict(left)
                     fenv[g.stream[j]] = h
                     fill.run(fenv)
@@ -346,12 +447,12 @@ class ExitRunner:
             depth += alive.numel()
         if not finished:
             g.head.run(env)
-            spent += g.head_cost * alive.numel()
+            spent += head * alive.numel()
         for o in out_nodes:
             if o in done or o not in env:
                 continue
             parts.setdefault(o, []).append((alive, env[o]))
-        self._account(spent, total, depth)
+        self._account(spent, total, depth, head)
         return [self._assemble(o, parts, total, env) if isinstance(o, fx.Node) else o
                 for o in g.outputs]
 
@@ -419,8 +520,8 @@ class ExitRunner:
         _stats.record_saving_fraction(1.0 - spent / dense)
         return self._outputs(env)
 
-    def _account(self, spent: float, rows: int, depth: int) -> None:
+    def _account(self, spent: float, rows: int, depth: int, head: float) -> None:
         g = self.g
-        dense = (sum(g.segment_cost) + g.head_cost) * rows
+        dense = (sum(g.segment_cost) + head) * rows
         _stats.record_ratio("exit_depth", depth, rows * (g.exits + 1))
         _stats.record_saving_fraction(1.0 - spent / dense if dense else 0.0)

@@ -46,6 +46,7 @@ from ..graph_utils import (
 )
 from ..linears import LinearSite
 from ..pieces import build_piece
+from ..pooling import find_pooling, live_nodes
 from . import register_form
 
 log = logging.getLogger("dyncompile")
@@ -55,6 +56,7 @@ log = logging.getLogger("dyncompile")
 
 MAX_STATE_ROWS = 4096  # stream rows kept per calibration call for fitting adapters
 MAX_TUNE_CALLS = 16    # calibration calls kept whole for tuning adapters through the head
+POOLED_RIDGE = 1.0     # shrinkage of pooled adapter refits towards the token fit
 
 
 def _non_negative(value: Any) -> str | None:
@@ -86,6 +88,24 @@ def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[t
     return w.float().contiguous(), b.float().contiguous()
 
 
+def fit_pooled(x: torch.Tensor, ones: torch.Tensor, y: torch.Tensor, w0: torch.Tensor,
+               b0: torch.Tensor, ridge: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refit an exit adapter on pooled rows: ``y ~ x @ W.T + ones * b`` (``ones`` = the
+    pooling of an all-ones stream, so ``b`` is the token adapter's bias), ridge-regularised
+    towards the token adapter ``(w0, b0)``; the bias is not shrunk."""
+    x64, y64, c = x.double(), y.double(), ones.double()[:, :1]
+    r = y64 - (x64 @ w0.double().T + c * b0.double())
+    xc = x64 - x64.mean(0)
+    scale = float((xc * xc).sum(0).mean())
+    z = torch.cat([x64, c], 1)
+    gram = z.T @ z
+    width = x.shape[1]
+    gram[:width, :width] += ridge * scale * torch.eye(width, dtype=gram.dtype)
+    sol = torch.linalg.solve(gram, z.T @ r)
+    return ((w0.double() + sol[:width].T).float().contiguous(),
+            (b0.double() + sol[width]).float().contiguous())
+
+
 def fit_adapter(x: torch.Tensor, y: torch.Tensor, rank: int | None) -> dict[str, torch.Tensor]:
     """An exit adapter y ~ A(x): full affine ``{"w", "b"}``, or with ``rank``, identity plus
     a rank-``rank`` correction ``x + (x @ vt.T) @ u.T + b`` (the truncated SVD of W - I),
@@ -106,9 +126,11 @@ class ExitRuntime:
     """Calibrated exit quality maps and the budget -> threshold curve of one model."""
 
     def __init__(self, adapter: str = "affine", adapter_rank: int | None = None,
-                 signal: str = "adapted", tune_steps: int = 0) -> None:
+                 signal: str = "adapted", tune_steps: int = 0,
+                 adapter_fit: str = "pooled") -> None:
         self.signals: list[torch.Tensor] = []
         self.qualities: list[torch.Tensor] = []
+        self.tokens: list[tuple[float, float]] = []  # (rows, tokens per row) per call
         self.cost_fn: Any = None
         self.maps: list[QualityMap] = []
         self.curve: ThresholdCurve | None = None
@@ -120,6 +142,12 @@ class ExitRuntime:
         self.signal_adapted = signal == "adapted"
         self.adapters: list[dict[str, torch.Tensor]] = []
         self.states: list[list[torch.Tensor]] = []
+        # Exits pool before adapting (the head's pooling region checked out on real
+        # values; None: not seen yet), with adapters refitted on the pooled rows.
+        self.pool_ok: bool | None = None
+        self.adapter_fit = adapter_fit
+        self.pooled_states: list[list[torch.Tensor]] = []
+        self.pooled_adapters: list[dict[str, torch.Tensor]] = []
         self.recording = False
         self.graphs: list[ExitGraph] = []  # the cut graphs using this runtime
         self.tune_steps = tune_steps
@@ -156,35 +184,47 @@ class ExitRuntime:
         a = self.adapters[0]
         return 2.0 * a["w"].numel() if "w" in a else 2.0 * (a["u"].numel() + a["vt"].numel())
 
-    def check_overhead(self, width: int) -> float:
-        """What evaluating one exit adds per row-token besides the head."""
-        return self.exit_overhead(width) if self.signal_adapted else 0.0
+    def observe_pooled(self, pooled: list[list[torch.Tensor]], ones: list[torch.Tensor]) -> None:
+        """Record the head's pooled values of the stream at each exit and of the final
+        state (calibration, first pass), and the pooling of an all-ones stream."""
+        if self.pooled_states and len(pooled) != len(self.pooled_states[0]) - 1:
+            return
+        width = ones[0].shape[-1]
+        rows = [torch.cat([v.detach().reshape(-1, width).float() for v in vals])
+                for vals in [*pooled, ones]]
+        self.pooled_states.append([r.clone() for r in rows])
 
-    def signal_state(self, k: int, state: torch.Tensor) -> torch.Tensor:
-        """The state the exit head scores for the decision at exit ``k``."""
-        return self.adapt(k, state) if self.signal_adapted else state
-
-    def adapt(self, k: int, state: torch.Tensor) -> torch.Tensor:
+    def adapt(self, k: int, state: torch.Tensor, bias_scale: torch.Tensor | None = None,
+              pooled: bool = False) -> torch.Tensor:
         """The stream at exit ``k`` mapped towards the final state (identity without an
-        adapter)."""
+        adapter). ``pooled``: ``state`` is the head's pooling of the stream, whose
+        all-ones pooling ``bias_scale`` scales the bias; the adapter refitted on pooled
+        rows applies when there is one."""
         if not self.adapters:
             return state
-        a = self.adapters[k - 1]
+        a = (self.pooled_adapters or self.adapters)[k - 1] if pooled else self.adapters[k - 1]
         dt = state.dtype
+        b = a["b"].to(dt) if bias_scale is None else a["b"].to(dt) * bias_scale.to(dt)
         if "w" in a:
-            return torch.nn.functional.linear(state, a["w"].to(dt), a["b"].to(dt))
+            return torch.nn.functional.linear(state, a["w"].to(dt)) + b
         low = torch.nn.functional.linear(state, a["vt"].to(dt))
-        return state + torch.nn.functional.linear(low, a["u"].to(dt), a["b"].to(dt))
+        return state + torch.nn.functional.linear(low, a["u"].to(dt)) + b
 
-    def observe(self, graph: ExitGraph, signals: torch.Tensor, qualities: torch.Tensor) -> None:
-        """Record one calibration call: [rows, exits] signals and qualities."""
+    def observe(self, graph: ExitGraph, signals: torch.Tensor, qualities: torch.Tensor,
+                tokens: float = 1.0, pooled: bool = False) -> None:
+        """Record one calibration call: [rows, exits] signals and qualities, for rows of
+        ``tokens`` tokens; ``pooled``: the exits pooled before adapting."""
         if self.signals and signals.shape[1] != self.signals[0].shape[1]:
             return  # another graph of the same model with a different depth
         self.signals.append(signals.detach().clone())
         self.qualities.append(qualities.detach().clone())
-        check = self.check_overhead(graph.width)
-        leave = 0.0 if self.signal_adapted else self.exit_overhead(graph.width) + graph.head_cost
-        self.cost_fn = lambda checked: graph.exit_cost(check, checked, leave)
+        self.tokens.append((float(signals.shape[0]), tokens))
+        rows = sum(n for n, _ in self.tokens)
+        mean_tokens = sum(n * t for n, t in self.tokens) / rows
+        head, adapter = graph.unit_costs(mean_tokens, self.exit_overhead(graph.width), pooled)
+        check = head + (adapter if self.signal_adapted else 0.0)
+        leave = 0.0 if self.signal_adapted else head + adapter
+        self.cost_fn = lambda checked: graph.exit_cost(check, checked, leave, head)
         self.signal = graph.signal
 
     def finalize(self) -> None:
@@ -197,9 +237,24 @@ class ExitRuntime:
                               for k in range(exits)] if self.adapter == "affine" else [])
             if self.adapters and self.calls and "w" in self.adapters[0]:
                 self._tune()
-            self.states, self.calls = [], []
+            self._fit_pooled()
+            self.states, self.calls, self.pooled_states = [], [], []
             self.recording = True
         self._fit_maps()
+
+    def _fit_pooled(self) -> None:
+        """Refit each full affine adapter on the pooled rows the head actually reads (ridge
+        towards the token fit: there is one pooled row per sample)."""
+        self.pooled_adapters = []
+        if (not self.pooled_states or not self.pool_ok or self.adapter_fit != "pooled"
+                or not self.adapters or "w" not in self.adapters[0]):
+            return
+        cols = [torch.cat([c[k] for c in self.pooled_states])
+                for k in range(len(self.pooled_states[0]))]
+        ones, final = cols[-1], cols[-2]
+        for k, a in enumerate(self.adapters):
+            w, b = fit_pooled(cols[k], ones, final, a["w"], a["b"], POOLED_RIDGE)
+            self.pooled_adapters.append({"w": w, "b": b})
 
     def _tune(self) -> None:
         """Tune each exit's affine adapter through the model's own head: minimise the KL
@@ -248,7 +303,7 @@ class ExitRuntime:
         assert self.cost_fn is not None
         self.curve = ThresholdCurve.fit(mapped, lambda t: self.cost_fn(
             self.plan(t, len(self.maps))[1]))
-        self.signals, self.qualities = [], []
+        self.signals, self.qualities, self.tokens = [], [], []
         self._memo.clear()
         self._plans.clear()
         log.info("early_exit: calibrated %d exits on %d rows", sig.shape[1], sig.shape[0])
@@ -290,12 +345,14 @@ class ExitRuntime:
         for k, m in enumerate(self.maps):
             tensors[f"centers.{k}"] = m.centers
             tensors[f"values.{k}"] = m.values
-        for k, a in enumerate(self.adapters):
-            for name, t in a.items():
-                tensors[f"adapter_{name}.{k}"] = t
+        for prefix, ads in (("adapter", self.adapters), ("pooled", self.pooled_adapters)):
+            for k, a in enumerate(ads):
+                for name, t in a.items():
+                    tensors[f"{prefix}_{name}.{k}"] = t
         return tensors, {"exits": len(self.maps), "signal": self.signal,
                          "signal_adapted": self.signal_adapted,
-                         "adapters": len(self.adapters)}
+                         "adapters": len(self.adapters), "pool_ok": self.pool_ok,
+                         "pooled_adapters": len(self.pooled_adapters)}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 model: torch.nn.Module) -> None:
@@ -307,6 +364,9 @@ class ExitRuntime:
         self.adapters = [{name: tensors[f"adapter_{name}.{k}"] for name in ("w", "u", "vt", "b")
                           if f"adapter_{name}.{k}" in tensors}
                          for k in range(int(meta.get("adapters", 0)))]
+        self.pool_ok = meta.get("pool_ok")
+        self.pooled_adapters = [{name: tensors[f"pooled_{name}.{k}"] for name in ("w", "b")}
+                                for k in range(int(meta.get("pooled_adapters", 0)))]
         self._memo.clear()
         self._plans.clear()
 
@@ -439,7 +499,8 @@ class EarlyExitForm(Pass):
     name = "early_exit"
     version = "1"
     options: dict[str, Any] = {"adapter": ("affine", "none"), "adapter_rank": positive_int,
-                               "signal_from": ("adapted", "raw"), "tune_steps": _non_negative}
+                               "signal_from": ("adapted", "raw"), "tune_steps": _non_negative,
+                               "adapter_fit": ("pooled", "tokens")}
     runtime = ExitRuntime
     dynamic_batch = True
 
@@ -452,7 +513,8 @@ class EarlyExitForm(Pass):
         opts = dict(ctx.config.form_options.get(self.name, {}))
         runtime = ctx.state.form(self.name, lambda: ExitRuntime(
             opts.get("adapter", "affine"), opts.get("adapter_rank"),
-            opts.get("signal_from", "adapted"), int(opts.get("tune_steps", 0))))
+            opts.get("signal_from", "adapted"), int(opts.get("tune_steps", 0)),
+            opts.get("adapter_fit", "pooled")))
         ctx.program = ExitRunner(graph, runtime, ctx.state)
         runtime.graphs.append(graph)
         gm.meta["dyn_exit_graph"] = graph
@@ -501,6 +563,15 @@ class EarlyExitForm(Pass):
         head_out = [o for o in outputs if isinstance(o, fx.Node) and
                     (o in set(head_nodes) or o is f)]
         head = build_piece(gm, "head", head_nodes, head_out)
+        live_head = live_nodes(head_nodes, head_out)
+        pooling = find_pooling(head_nodes, f, head_out)
+        pool = post = None
+        post_cost = 0.0
+        if pooling is not None:
+            pool = build_piece(gm, "pool", pooling.nodes, pooling.outputs)
+            post_nodes = live_nodes(head_nodes, head_out, stop=set(pooling.outputs))
+            post = build_piece(gm, "post", post_nodes, head_out)
+            post_cost = _linear_cost(post.nodes, blocks.linears)
         whole = build_piece(gm, "whole", body, [o for o in outputs if isinstance(o, fx.Node)])
         # Graph outputs made inside a layer (a decoder's cache) need filling for exited rows.
         fills: list[Any] = []
@@ -555,10 +626,11 @@ class EarlyExitForm(Pass):
             stream=stream, segments=segments, head=head, fills=fills, primary=primary,
             signal=signal, batch=batch_nodes, batch_ints=batch_ints, token_level=token_level,
             segment_cost=[_linear_cost(ns, linears) for ns in seg_nodes],
-            head_cost=_linear_cost(head_nodes, linears),
+            head_cost=_linear_cost(sorted(live_head, key=pos.__getitem__), linears),
             fill_cost=[_linear_cost(p.nodes, linears) if p is not None else 0.0
                        for p in fills],
-            static_rows=isinstance(batch, sympy.Integer) and int(batch) > 1, whole=whole)
+            static_rows=isinstance(batch, sympy.Integer) and int(batch) > 1, whole=whole,
+            pool=pool, post=post, post_cost=post_cost)
 
 
 def _numel_hint(t: torch.Tensor) -> int:
