@@ -40,6 +40,22 @@ CONFIDENCE = "confidence"
 CONVERGENCE = "convergence"
 
 
+FULL = "full"      # exits run the head on the (adapted) stream
+POOLED = "pooled"  # exits pool first (the head's pooling region), then adapt and finish
+MEAN = "mean"      # the output is the stream itself: decide on its token mean
+
+
+@dataclass
+class ExitCosts:
+    """Linear FLOPs per row-token: the model's head, one exit check, a leaving row's
+    output, and the check before the first exit (a convergence signal's reference)."""
+
+    head: float
+    check: float
+    leave: float
+    first: float
+
+
 @dataclass(eq=False)
 class ExitGraph:
     """One traced graph cut for early exit (built by the ``early_exit`` pass)."""
@@ -76,35 +92,42 @@ class ExitGraph:
         return int(self.stream[-1].meta["example_value"].shape[-1]) \
             if "example_value" in self.stream[-1].meta else 0
 
-    def unit_costs(self, tokens: float, adapter: float, pooled: bool) -> tuple[float, float]:
-        """(head, adapter) cost per row-token: ``adapter`` is the exit adapter's FLOPs per
-        row it maps; pooled, both apply once per row of ``tokens`` tokens."""
-        if pooled:
-            t = max(tokens, 1.0)
-            return self.post_cost / t, adapter / t
-        return self.head_cost, adapter
+    def unit_costs(self, tokens: float, adapter: float, mode: str,
+                   adapted: bool = True) -> ExitCosts:
+        """What the head, one exit check, a leaving row's output and the first check
+        (convergence) cost per row-token, for rows of ``tokens`` tokens; ``adapter`` is
+        the exit adapter's FLOPs per row it maps; ``mode`` as ``ExitRunner.mode``;
+        ``adapted``: the decision reads the adapted state."""
+        t = max(tokens, 1.0)
+        if mode == POOLED:
+            head, adapt = self.post_cost / t, adapter / t
+        else:
+            head, adapt = self.head_cost, adapter
+        if mode == MEAN:  # the decision reads the token mean; leaving rows run the head
+            return ExitCosts(head, adapter / t if adapted else 0.0, head + adapt, 0.0)
+        first = head if self.signal == CONVERGENCE else 0.0
+        if adapted:
+            return ExitCosts(head, head + adapt, 0.0, first)
+        return ExitCosts(head, head, head + adapt, first)
 
-    def exit_cost(self, check: float = 0.0, checked: list[bool] | None = None,
-                  on_leave: float = 0.0, head: float | None = None) -> torch.Tensor:
-        """Cost fraction of a row leaving at exit k = 1..K, then of running every layer.
-
-        ``check`` is the cost of evaluating one exit (head and adapter);
-        ``checked[k - 1]`` says whether exit k is evaluated at all (default: all);
-        ``on_leave`` is what a leaving row costs once (its adapted output); ``head`` is
-        the model's own head (default: ``head_cost``). All per row-token.
-        """
+    def exit_cost(self, costs: ExitCosts | None = None,
+                  checked: list[bool] | None = None) -> torch.Tensor:
+        """Cost fraction of a row leaving at exit k = 1..K, then of running every layer,
+        with ``costs`` per row-token (default: the head alone, nothing else) and
+        ``checked[k - 1]`` saying whether exit k is evaluated at all (default: all)."""
+        costs = costs or ExitCosts(self.head_cost, self.head_cost, 0.0,
+                                   self.head_cost if self.signal == CONVERGENCE else 0.0)
         seg = torch.tensor(self.segment_cost, dtype=torch.float64)
         fill = torch.tensor(self.fill_cost, dtype=torch.float64)
         checked = [True] * self.exits if checked is None else checked
-        head = self.head_cost if head is None else head
-        dense = float(seg.sum()) + head
-        first = head if self.signal == CONVERGENCE and checked and checked[0] else 0.0
-        costs = []
+        dense = float(seg.sum()) + costs.head
+        first = costs.first if checked and checked[0] else 0.0
+        out = []
         for k in range(1, self.exits + 1):
-            costs.append(float(seg[:k].sum()) + sum(checked[:k]) * check
-                         + float(fill[k:].sum()) + first + on_leave)
-        costs.append(dense + sum(checked) * check + first)
-        return torch.tensor(costs, dtype=torch.float32) / dense
+            out.append(float(seg[:k].sum()) + sum(checked[:k]) * costs.check
+                       + float(fill[k:].sum()) + first + costs.leave)
+        out.append(dense + sum(checked) * costs.check + first)
+        return torch.tensor(out, dtype=torch.float32) / dense
 
     def compile(self, compiler: str) -> None:
         """Compile every piece with Inductor, for the symbolic sizes the graph was traced
@@ -224,22 +247,45 @@ class ExitRunner:
         self.g.compile(compiler)
 
     @property
-    def pooled(self) -> bool:
-        """Exits pool before their adapter (the head's pooling region was confirmed)."""
-        return self.g.pool is not None and bool(self.runtime.pool_ok)
+    def mode(self) -> str:
+        """How exits decide: POOLED when the head's pooling region checked out, MEAN when
+        the decisive output is the stream itself (a convergence signal reads its token
+        mean), else FULL."""
+        g = self.g
+        if g.pool is not None and self.runtime.pool_ok:
+            return POOLED
+        if g.signal == CONVERGENCE and g.primary is g.stream[-1]:
+            return MEAN
+        return FULL
 
     def _exit_heads(self, env: dict[fx.Node, Any], k: int, raw: torch.Tensor,
                     adapted: bool) -> dict[fx.Node, Any]:
         """The head's outputs at exit ``k`` for the rows of ``env`` (stream value ``raw``),
         through the exit's adapter when ``adapted``; pooled first when the head allows."""
         g, rt = self.g, self.runtime
-        if not self.pooled:
-            return _head_at(g, env, rt.adapt(k, raw) if adapted else raw)
+        if self.mode != POOLED:
+            return _head_at(g, env, rt.adapt(k, raw) if adapted and k else raw)
         pooled = _pool_at(g, env, raw)
-        if adapted and rt.adapters:
+        if adapted and k and rt.adapters:
             ones = _pool_at(g, env, torch.ones_like(raw))
             pooled = [rt.adapt(k, p, bias_scale=o, pooled=True) for p, o in zip(pooled, ones)]
         return _post_at(g, env, pooled, raw)
+
+    def _decide_on(self, env: dict[fx.Node, Any], k: int, raw: torch.Tensor,
+                   adapted: bool) -> tuple[torch.Tensor, dict[fx.Node, Any] | None]:
+        """(what the signal reads at exit ``k``, the head's outputs when they were
+        computed for it). MEAN: the token mean of the (adapted) stream, which equals the
+        token mean of the adapted output at a fraction of the cost."""
+        if self.mode == MEAN:
+            m = raw.float().flatten(1, -2).mean(1) if raw.dim() > 2 else raw.float()
+            return (self.runtime.adapt(k, m) if adapted and k else m), None
+        heads = self._exit_heads(env, k, raw, adapted)
+        return heads[self.g.primary], heads
+
+    def _costs(self, tokens: float) -> ExitCosts:
+        rt = self.runtime
+        return self.g.unit_costs(tokens, rt.exit_overhead(self.g.width), self.mode,
+                                 rt.signal_adapted)
 
     def _check_pool(self, env: dict[fx.Node, Any]) -> bool:
         """Whether the head's pooling region commutes with a random channel map on these
@@ -335,16 +381,16 @@ class ExitRunner:
         g.segments[0].run(env)
         prev = None
         if g.signal == CONVERGENCE:
-            prev = _signal(g, self._exit_heads(env, 0, env[g.stream[0]], False)[g.primary],
+            prev = _signal(g, self._decide_on(env, 0, env[g.stream[0]], False)[0],
                            None, True)[1]
         signals, summaries = [], []
         rt = self.runtime
         for k in range(1, g.exits + 1):
             raw = env[g.stream[k]]
-            out = self._exit_heads(env, k, raw, rt.signal_adapted)[g.primary]
+            out = self._decide_on(env, k, raw, rt.signal_adapted)[0]
             s, summ = _signal(g, out, prev, g.token_level)
             if not rt.signal_adapted:  # the quality is that of the adapted output
-                _, summ_out = _signal(g, self._exit_heads(env, k, raw, True)[g.primary], prev,
+                _, summ_out = _signal(g, self._decide_on(env, k, raw, True)[0], prev,
                                       g.token_level)
             else:
                 summ_out = summ
@@ -360,7 +406,7 @@ class ExitRunner:
         quality = [_quality(g, s, final).flatten() for s in summaries]
         if signals:
             rt.observe(g, torch.stack(signals, 1), torch.stack(quality, 1),
-                       self._tokens_per_row(env[g.stream[-1]]), self.pooled)
+                       self._tokens_per_row(env[g.stream[-1]]), self.mode)
         return self._outputs(env)
 
     # -------------------------------------------------------------- row mode
@@ -375,14 +421,12 @@ class ExitRunner:
         out_nodes = [o for o in g.outputs if isinstance(o, fx.Node)]
         rt = self.runtime
         fire, checked = rt.plan(threshold, g.exits)
-        head, adapter = g.unit_costs(self._tokens_per_row(b0), rt.exit_overhead(g.width),
-                                     self.pooled)
-        check = head + (adapter if rt.signal_adapted else 0.0)
+        costs = self._costs(self._tokens_per_row(b0))
         prev = None
         if g.signal == CONVERGENCE and checked[0]:
-            prev = _signal(g, self._exit_heads(env, 0, env[g.stream[0]], False)[g.primary],
+            prev = _signal(g, self._decide_on(env, 0, env[g.stream[0]], False)[0],
                            None, False)[1]
-        spent = g.segment_cost[0] * total + (head * total if prev is not None else 0.0)
+        spent = g.segment_cost[0] * total + (costs.first * total if prev is not None else 0.0)
         summ = None
         depth = total  # layers run, summed over rows (segment 0 ran for all)
         finished = False
@@ -394,9 +438,9 @@ class ExitRunner:
                 depth += alive.numel()
                 continue
             raw = env[g.stream[k]]
-            heads = self._exit_heads(env, k, raw, rt.signal_adapted)
-            spent += check * alive.numel()
-            sig, summ = _signal(g, heads[g.primary], prev, False)
+            out, heads = self._decide_on(env, k, raw, rt.signal_adapted)
+            spent += costs.check * alive.numel()
+            sig, summ = _signal(g, out, prev, False)
             quality = rt.quality(k, sig)
             leave = quality >= threshold
             if not fire[k - 1]:
@@ -412,12 +456,12 @@ class ExitRunner:
                         parts.setdefault(o, []).append((alive, env[o]))
                         done.add(o)
                 left = _rows(env, g, gone)
-                if rt.signal_adapted:
+                if rt.signal_adapted and heads is not None:
                     outs = {o: v.index_select(0, gone) if o in g.batch else v
                             for o, v in heads.items()}
                 else:
                     outs = self._exit_heads(left, k, left[g.stream[k]], True)
-                    spent += (head + adapter) * gone.numel()
+                    spent += costs.leave * gone.numel()
                 for o, v in outs.items():
                     if o in out_nodes and o not in done:
                         parts.setdefault(o, []).append((alive[gone], v))
@@ -447,12 +491,12 @@ class ExitRunner:
             depth += alive.numel()
         if not finished:
             g.head.run(env)
-            spent += head * alive.numel()
+            spent += costs.head * alive.numel()
         for o in out_nodes:
             if o in done or o not in env:
                 continue
             parts.setdefault(o, []).append((alive, env[o]))
-        self._account(spent, total, depth, head)
+        self._account(spent, total, depth, costs.head)
         return [self._assemble(o, parts, total, env) if isinstance(o, fx.Node) else o
                 for o in g.outputs]
 

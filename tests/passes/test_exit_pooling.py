@@ -197,3 +197,32 @@ def test_pooled_checks_cost_little_when_no_row_leaves():
     opt.state.forms["early_exit"].pool_ok = False  # the same exits, adapted per token
     per_token = _spent_with_every_exit_checked(opt, x)
     assert 1.0 < pooled < 1.03 < per_token
+
+
+def test_stream_output_decides_on_the_token_mean(monkeypatch):
+    """An encoder returning the stream: the convergence signal reads the token mean of
+    the adapted state, which is the adapter applied to the token mean (one row)."""
+    from tests.passes.test_early_exit import _bert
+    model = _bert()
+    opt = dyncompile.optimize(model, methods=["early_exit"],
+                              calibration=[_ids(8, 8, s) for s in range(3)], compiler="eager")
+    rt = opt.state.forms["early_exit"]
+    g = rt.graphs[0]
+    runner = ExitRunner(g, rt, opt.state)
+    assert runner.mode == "mean" and g.pool is None
+    calls = []
+    call = ExitRunner.__call__
+    monkeypatch.setattr(ExitRunner, "__call__",
+                        lambda self, *args: calls.append(args) or call(self, *args))
+    x = _ids(4, 8, 12)
+    with torch.no_grad():
+        opt(**x)
+        env = dict(zip(g.placeholders, calls[-1]))
+        g.segments[0].run(env)
+        raw = env[g.stream[1]]
+        mean, heads = runner._decide_on(env, 1, raw, True)
+        assert heads is None
+        full = runner._exit_heads(env, 1, raw, True)[g.primary]
+        torch.testing.assert_close(mean, full.mean(1), atol=1e-5, rtol=1e-4)
+    spent = _spent_with_every_exit_checked(opt, x)
+    assert 1.0 < spent < 1.03

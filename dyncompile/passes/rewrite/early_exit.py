@@ -32,7 +32,7 @@ import torch
 from torch import fx
 
 from ...runtime.exit_fit import QualityMap, ThresholdCurve
-from ...runtime.exit_program import CONFIDENCE, CONVERGENCE, ExitGraph, ExitRunner
+from ...runtime.exit_program import CONFIDENCE, CONVERGENCE, FULL, ExitGraph, ExitRunner
 from ..base import Pass, PassContext, positive_int
 from ..blocks import ResidualBlock
 from ..graph_utils import (
@@ -211,9 +211,9 @@ class ExitRuntime:
         return state + torch.nn.functional.linear(low, a["u"].to(dt)) + b
 
     def observe(self, graph: ExitGraph, signals: torch.Tensor, qualities: torch.Tensor,
-                tokens: float = 1.0, pooled: bool = False) -> None:
+                tokens: float = 1.0, mode: str = FULL) -> None:
         """Record one calibration call: [rows, exits] signals and qualities, for rows of
-        ``tokens`` tokens; ``pooled``: the exits pooled before adapting."""
+        ``tokens`` tokens; ``mode``: how the exits decided (``ExitRunner.mode``)."""
         if self.signals and signals.shape[1] != self.signals[0].shape[1]:
             return  # another graph of the same model with a different depth
         self.signals.append(signals.detach().clone())
@@ -221,10 +221,9 @@ class ExitRuntime:
         self.tokens.append((float(signals.shape[0]), tokens))
         rows = sum(n for n, _ in self.tokens)
         mean_tokens = sum(n * t for n, t in self.tokens) / rows
-        head, adapter = graph.unit_costs(mean_tokens, self.exit_overhead(graph.width), pooled)
-        check = head + (adapter if self.signal_adapted else 0.0)
-        leave = 0.0 if self.signal_adapted else head + adapter
-        self.cost_fn = lambda checked: graph.exit_cost(check, checked, leave, head)
+        costs = graph.unit_costs(mean_tokens, self.exit_overhead(graph.width), mode,
+                                 self.signal_adapted)
+        self.cost_fn = lambda checked: graph.exit_cost(costs, checked)
         self.signal = graph.signal
 
     def finalize(self) -> None:
