@@ -259,27 +259,30 @@ class ExitRunner:
         return FULL
 
     def _exit_heads(self, env: dict[fx.Node, Any], k: int, raw: torch.Tensor,
-                    adapted: bool) -> dict[fx.Node, Any]:
+                    adapted: bool, ones: list[torch.Tensor] | None = None
+                    ) -> dict[fx.Node, Any]:
         """The head's outputs at exit ``k`` for the rows of ``env`` (stream value ``raw``),
-        through the exit's adapter when ``adapted``; pooled first when the head allows."""
+        through the exit's adapter when ``adapted``; pooled first when the head allows
+        (``ones``: the pooling of an all-ones stream for these rows, if known)."""
         g, rt = self.g, self.runtime
         if self.mode != POOLED:
             return _head_at(g, env, rt.adapt(k, raw) if adapted and k else raw)
         pooled = _pool_at(g, env, raw)
         if adapted and k and rt.adapters:
-            ones = _pool_at(g, env, torch.ones_like(raw))
+            ones = ones or _pool_at(g, env, torch.ones_like(raw))
             pooled = [rt.adapt(k, p, bias_scale=o, pooled=True) for p, o in zip(pooled, ones)]
         return _post_at(g, env, pooled, raw)
 
     def _decide_on(self, env: dict[fx.Node, Any], k: int, raw: torch.Tensor,
-                   adapted: bool) -> tuple[torch.Tensor, dict[fx.Node, Any] | None]:
+                   adapted: bool, ones: list[torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, dict[fx.Node, Any] | None]:
         """(what the signal reads at exit ``k``, the head's outputs when they were
         computed for it). MEAN: the token mean of the (adapted) stream, which equals the
         token mean of the adapted output at a fraction of the cost."""
         if self.mode == MEAN:
             m = raw.float().flatten(1, -2).mean(1) if raw.dim() > 2 else raw.float()
             return (self.runtime.adapt(k, m) if adapted and k else m), None
-        heads = self._exit_heads(env, k, raw, adapted)
+        heads = self._exit_heads(env, k, raw, adapted, ones)
         return heads[self.g.primary], heads
 
     def _costs(self, tokens: float) -> ExitCosts:
@@ -428,6 +431,8 @@ class ExitRunner:
                            None, False)[1]
         spent = g.segment_cost[0] * total + (costs.first * total if prev is not None else 0.0)
         summ = None
+        ones_all: list[torch.Tensor] | None = None
+        ones_rows = alive
         depth = total  # layers run, summed over rows (segment 0 ran for all)
         finished = False
         for k in range(1, g.exits + 1):
@@ -438,7 +443,14 @@ class ExitRunner:
                 depth += alive.numel()
                 continue
             raw = env[g.stream[k]]
-            out, heads = self._decide_on(env, k, raw, rt.signal_adapted)
+            if self.mode == POOLED and rt.adapters:  # the bias scale: once per call
+                if ones_all is None:
+                    ones_all = _pool_at(g, env, torch.ones_like(raw))
+                    ones_rows = alive
+                if ones_rows.numel() != alive.numel():
+                    pick = torch.searchsorted(ones_rows, alive)
+                    ones_all, ones_rows = [o.index_select(0, pick) for o in ones_all], alive
+            out, heads = self._decide_on(env, k, raw, rt.signal_adapted, ones_all)
             spent += costs.check * alive.numel()
             sig, summ = _signal(g, out, prev, False)
             quality = rt.quality(k, sig)

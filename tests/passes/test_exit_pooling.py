@@ -226,3 +226,15 @@ def test_stream_output_decides_on_the_token_mean(monkeypatch):
         torch.testing.assert_close(mean, full.mean(1), atol=1e-5, rtol=1e-4)
     spent = _spent_with_every_exit_checked(opt, x)
     assert 1.0 < spent < 1.03
+
+
+def test_pooled_rows_leave_the_batch_independently():
+    model = PooledClassifier("mean").eval()
+    opt = dyncompile.optimize(model, methods=["early_exit"], calibration=_cal(),
+                              compiler="eager")
+    x = _masked(7, 8, 21)
+    with torch.no_grad(), dyncompile.budget(0.5):
+        together = opt(**x)
+        assert 0.0 < opt.stats.ratio("exit_depth") < 1.0
+        alone = torch.cat([opt(**{k: v[i:i + 1] for k, v in x.items()}) for i in range(7)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
