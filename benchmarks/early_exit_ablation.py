@@ -21,7 +21,8 @@ from dyncompile.eval.registry import make_workload
 from dyncompile.eval.timing import device_info
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "default (affine adapters, adapted signal)": {},
+    "default (affine adapters refitted on pooled rows, adapted signal)": {},
+    "adapters fitted on tokens only": {"adapter_fit": "tokens"},
     "no adapters": {"adapter": "none"},
     "signal from the unadapted state": {"signal_from": "raw"},
     "adapters tuned through the head (200 steps)": {"tune_steps": 200},

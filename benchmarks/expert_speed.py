@@ -8,7 +8,7 @@ dense module under the default ``torch.compile`` backend: median of repeats,
 2 threads, at 1x128 and 32x128 tokens, budgets 0.25 / 0.5 / 0.75. The
 runtime's spent FFN fraction (router included) is reported next to each time.
 
-    python benchmarks/expert_speed.py [--repeats 20] [--json PATH]
+    python benchmarks/expert_speed.py [--repeats 20] [--calibration packed] [--json PATH]
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def _ffn_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> lis
     return seen
 
 
-def run(repeats: int) -> dict[str, Any]:
-    cal, timing = minilm_batches(SHAPES)
+def run(repeats: int, calibration: str = "sentences") -> dict[str, Any]:
+    cal, timing = minilm_batches(SHAPES, calibration)
     rows: list[dict[str, Any]] = []
 
     base = load_minilm()
@@ -86,7 +86,8 @@ def run(repeats: int) -> dict[str, Any]:
                              "spent_ffn": spent[b], "dense_ms": 1e3 * t["dense"],
                              "ms": 1e3 * t[f"b{b}"], "speedup": t["dense"] / t[f"b{b}"]})
                 print(rows[-1], flush=True)
-    return {"meta": {**device_info(), "repeats": repeats}, "rows": rows}
+    return {"meta": {**device_info(), "repeats": repeats, "calibration": calibration},
+            "rows": rows}
 
 
 def table(res: dict[str, Any]) -> str:
@@ -100,9 +101,12 @@ def table(res: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--calibration", choices=("sentences", "packed"), default="sentences",
+                    help="the harness's padded sentences, or serving-like unpadded 128-token "
+                         "rows from other text")
     ap.add_argument("--json", default="benchmarks/results/expert_speed.json")
     args = ap.parse_args()
-    res = run(args.repeats)
+    res = run(args.repeats, args.calibration)
     finish(res, args.json, table(res))
 
 
