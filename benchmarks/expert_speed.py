@@ -8,13 +8,15 @@ dense module under the default ``torch.compile`` backend: median of repeats,
 2 threads, at 1x128 and 32x128 tokens, budgets 0.25 / 0.5 / 0.75. The
 runtime's spent FFN fraction (router included) is reported next to each time.
 
-    python benchmarks/expert_speed.py [--repeats 20] [--calibration packed] [--json PATH]
+    python benchmarks/expert_speed.py [--repeats 20] [--calibration packed]
+        [--options '{"router_hidden": 64}'] [--shapes 1x128,32x128] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 from typing import Any
 
 import torch
@@ -54,8 +56,9 @@ def _ffn_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> lis
     return seen
 
 
-def run(repeats: int, calibration: str = "sentences") -> dict[str, Any]:
-    cal, timing = minilm_batches(SHAPES, calibration)
+def run(repeats: int, calibration: str = "sentences",
+        options: dict[str, Any] | None = None, shapes: tuple = SHAPES) -> dict[str, Any]:
+    cal, timing = minilm_batches(shapes, calibration)
     rows: list[dict[str, Any]] = []
 
     base = load_minilm()
@@ -66,7 +69,8 @@ def run(repeats: int, calibration: str = "sentences") -> dict[str, Any]:
     cases = [("ffn", ffn, ffn_cal, ffn_timing), ("minilm", load_minilm(), cal, timing)]
     for what, model, calib, inputs in cases:
         dense = torch.compile(model)
-        opt = dyncompile.optimize(model, methods=["expert"], calibration=calib)
+        opt = dyncompile.optimize(model, methods=["expert"], calibration=calib,
+                                  form_options={"expert": dict(options or {})})
         for label, batch in inputs.items():
             reps = repeats if label.startswith("1x") else max(3, repeats // 4)
             fns = {"dense": lambda b=batch, d=dense: call_batch(d, b)}
@@ -86,7 +90,8 @@ def run(repeats: int, calibration: str = "sentences") -> dict[str, Any]:
                              "spent_ffn": spent[b], "dense_ms": 1e3 * t["dense"],
                              "ms": 1e3 * t[f"b{b}"], "speedup": t["dense"] / t[f"b{b}"]})
                 print(rows[-1], flush=True)
-    return {"meta": {**device_info(), "repeats": repeats, "calibration": calibration},
+    return {"meta": {**device_info(), "repeats": repeats, "calibration": calibration,
+                     "options": options or {}},
             "rows": rows}
 
 
@@ -104,9 +109,13 @@ def main() -> None:
     ap.add_argument("--calibration", choices=("sentences", "packed"), default="sentences",
                     help="the harness's padded sentences, or serving-like unpadded 128-token "
                          "rows from other text")
+    ap.add_argument("--options", default="{}", help="expert form options as JSON, e.g. "
+                    "'{\"router_hidden\": 64}'")
+    ap.add_argument("--shapes", default="1x128,32x128")
     ap.add_argument("--json", default="benchmarks/results/expert_speed.json")
     args = ap.parse_args()
-    res = run(args.repeats, args.calibration)
+    shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+    res = run(args.repeats, args.calibration, json.loads(args.options), shapes)
     finish(res, args.json, table(res))
 
 
