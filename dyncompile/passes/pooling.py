@@ -23,7 +23,7 @@ import sympy
 import torch
 from torch import fx
 
-from .graph_utils import node_value, shape_of, sym
+from .graph_utils import is_tensor, shape_of, sym
 
 # Ops that may keep a value linear in the stream and channel-uniform; with the stream in
 # the first operand only (mul: either operand).
@@ -60,10 +60,6 @@ def _allowed(n: fx.Node, region: set[fx.Node]) -> bool:
     if n.target not in _COMMUTES and n.args[0] not in region:
         return False  # the stream as a divisor, or as an index
     return not any(isinstance(v, fx.Node) and v in region for v in n.kwargs.values())
-
-
-def _carries_data(node: fx.Node) -> bool:
-    return isinstance(node_value(node), torch.Tensor)
 
 
 def _smaller(out: fx.Node, stream: fx.Node) -> bool:
@@ -112,17 +108,17 @@ def find_pooling(head_nodes: list[fx.Node], stream: fx.Node,
     while changed:
         changed = False
         for n in head_nodes:
-            if n in region or not _carries_data(n):
+            if n in region or not is_tensor(n):
                 continue
             if any(a in region for a in n.all_input_nodes) and _allowed(n, region):
                 region.add(n)
                 changed = True
     frontier = []
     for n in sorted(region - {stream}, key=order.__getitem__):
-        users = [u for u in n.users if _carries_data(u) or u.op == "output"]
+        users = [u for u in n.users if is_tensor(u) or u.op == "output"]
         if n in head_outputs or any(u not in region for u in users):
             frontier.append(n)
-    direct = [u for u in stream.users if u in members and u not in region and _carries_data(u)]
+    direct = [u for u in stream.users if u in members and u not in region and is_tensor(u)]
     if direct or not frontier or not all(_smaller(o, stream) for o in frontier):
         return None
     # The region's own inputs it computes from outside the stream (masks, counts, sizes).

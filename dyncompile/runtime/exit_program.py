@@ -110,13 +110,10 @@ class ExitGraph:
             return ExitCosts(head, head + adapt, 0.0, first)
         return ExitCosts(head, head, head + adapt, first)
 
-    def exit_cost(self, costs: ExitCosts | None = None,
-                  checked: list[bool] | None = None) -> torch.Tensor:
+    def exit_cost(self, costs: ExitCosts, checked: list[bool] | None = None) -> torch.Tensor:
         """Cost fraction of a row leaving at exit k = 1..K, then of running every layer,
-        with ``costs`` per row-token (default: the head alone, nothing else) and
-        ``checked[k - 1]`` saying whether exit k is evaluated at all (default: all)."""
-        costs = costs or ExitCosts(self.head_cost, self.head_cost, 0.0,
-                                   self.head_cost if self.signal == CONVERGENCE else 0.0)
+        with ``costs`` per row-token (``unit_costs``) and ``checked[k - 1]`` saying
+        whether exit k is evaluated at all (default: all)."""
         seg = torch.tensor(self.segment_cost, dtype=torch.float64)
         fill = torch.tensor(self.fill_cost, dtype=torch.float64)
         checked = [True] * self.exits if checked is None else checked
@@ -290,28 +287,23 @@ class ExitRunner:
         return self.g.unit_costs(tokens, rt.exit_overhead(self.g.width), self.mode,
                                  rt.signal_adapted)
 
-    def _check_pool(self, env: dict[fx.Node, Any]) -> bool:
+    def _check_pool(self, env: dict[fx.Node, Any], pooled: list[torch.Tensor],
+                    ones: list[torch.Tensor]) -> bool:
         """Whether the head's pooling region commutes with a random channel map on these
-        values, and pooling then the rest of the head gives the head's outputs."""
+        values, and pooling then the rest of the head gives the head's outputs
+        (``pooled``, ``ones``: the pooling of the final state and of an all-ones one)."""
         g = self.g
         f = env[g.stream[-1]]
         width = int(f.shape[-1])
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(width, width, generator=gen) / width ** 0.5
         b = torch.randn(width, generator=gen)
-        try:
-            mapped = _pool_at(g, env, F.linear(f.float(), w, b).to(f.dtype))
-            pooled = _pool_at(g, env, f)
-            ones = _pool_at(g, env, torch.ones_like(f))
-            commutes = all(_close(m, F.linear(p.float(), w) + o.float() * b)
-                           for m, p, o in zip(mapped, pooled, ones))
-            post = _post_at(g, env, pooled, f)
-            same = all(_close(post[o], env[o]) for o in g.head.outputs
-                       if isinstance(env.get(o), torch.Tensor))
-        except Exception as e:  # a region that cannot run on its own: no pooled exits
-            log.info("early_exit: the head's pooling region does not run alone (%s)", e)
-            return False
-        return commutes and same
+        mapped = _pool_at(g, env, F.linear(f.float(), w, b).to(f.dtype))
+        commutes = all(_close(m, F.linear(p.float(), w) + o.float() * b)
+                       for m, p, o in zip(mapped, pooled, ones))
+        post = _post_at(g, env, pooled, f)
+        return commutes and all(_close(post[o], env[o]) for o in g.head.outputs
+                                if isinstance(env.get(o), torch.Tensor))
 
     def _tokens_per_row(self, v: torch.Tensor) -> float:
         rows = int(v.shape[0]) if v.dim() else 1
@@ -367,11 +359,15 @@ class ExitRunner:
         rt = self.runtime
         rt.observe_states(states, env[g.stream[-1]], g, env)
         if g.pool is not None and rt.pool_ok is not False:
-            rt.pool_ok = self._check_pool(env)
+            f = env[g.stream[-1]]
+            try:
+                final, ones = _pool_at(g, env, f), _pool_at(g, env, torch.ones_like(f))
+                rt.pool_ok = self._check_pool(env, final, ones)
+            except Exception as e:  # a region that cannot run on its own: no pooled exits
+                log.info("early_exit: the head's pooling region does not run alone (%s)", e)
+                rt.pool_ok = False
             if rt.pool_ok:
-                f = env[g.stream[-1]]
-                rt.observe_pooled([_pool_at(g, env, s) for s in [*states, f]],
-                                  _pool_at(g, env, torch.ones_like(f)))
+                rt.observe_pooled([*[_pool_at(g, env, s) for s in states], final], ones)
             else:
                 log.info("early_exit: exits adapt every token (the head's pooling region "
                          "did not check out)")
@@ -432,7 +428,6 @@ class ExitRunner:
         spent = g.segment_cost[0] * total + (costs.first * total if prev is not None else 0.0)
         summ = None
         ones_all: list[torch.Tensor] | None = None
-        ones_rows = alive
         depth = total  # layers run, summed over rows (segment 0 ran for all)
         finished = False
         for k in range(1, g.exits + 1):
@@ -443,13 +438,8 @@ class ExitRunner:
                 depth += alive.numel()
                 continue
             raw = env[g.stream[k]]
-            if self.mode == POOLED and rt.adapters:  # the bias scale: once per call
-                if ones_all is None:
-                    ones_all = _pool_at(g, env, torch.ones_like(raw))
-                    ones_rows = alive
-                if ones_rows.numel() != alive.numel():
-                    pick = torch.searchsorted(ones_rows, alive)
-                    ones_all, ones_rows = [o.index_select(0, pick) for o in ones_all], alive
+            if ones_all is None and self.mode == POOLED and rt.adapters:
+                ones_all = _pool_at(g, env, torch.ones_like(raw))  # bias scale, once per call
             out, heads = self._decide_on(env, k, raw, rt.signal_adapted, ones_all)
             spent += costs.check * alive.numel()
             sig, summ = _signal(g, out, prev, False)
@@ -497,6 +487,8 @@ class ExitRunner:
                     break
                 env = _rows(env, g, stay)
                 summ = summ.index_select(0, stay)
+                if ones_all is not None:
+                    ones_all = [o.index_select(0, stay) for o in ones_all]
             prev = summ
             g.segments[k].run(env)
             spent += g.segment_cost[k] * alive.numel()
