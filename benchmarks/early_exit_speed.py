@@ -42,13 +42,13 @@ class _NoneLeave:
 
     def __enter__(self) -> None:
         n = len(self.rt.maps)
-        self.saved = (self.rt.plan, self.rt.quality)
+        self.saved = (self.rt.plan, self.rt.leaves)
         self.rt.plan = lambda t, k: ([True] * k, [True] * k)
-        self.rt.quality = lambda k, s: torch.zeros_like(s)
+        self.rt.leaves = lambda k, s, t: torch.zeros_like(s, dtype=torch.bool)
         assert n > 0
 
     def __exit__(self, *exc: Any) -> None:
-        self.rt.plan, self.rt.quality = self.saved
+        self.rt.plan, self.rt.leaves = self.saved
 
 
 def run(repeats: int) -> dict[str, Any]:

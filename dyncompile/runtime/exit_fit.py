@@ -75,6 +75,19 @@ class QualityMap:
         return v0 + t * (v1 - v0)
 
 
+    def cut(self, threshold: float) -> float:
+        """The least signal whose predicted quality reaches ``threshold`` (``-inf``: every
+        signal does, ``inf``: none): ``self(s) >= threshold`` iff ``s >= cut``, since the
+        map is non-decreasing and continuous."""
+        c, v = self.centers.double().tolist(), self.values.double().tolist()
+        if v[0] >= threshold:
+            return float("-inf")
+        if v[-1] < threshold:
+            return float("inf")
+        i = next(j for j, x in enumerate(v) if x >= threshold)
+        return c[i - 1] + (threshold - v[i - 1]) / (v[i] - v[i - 1]) * (c[i] - c[i - 1])
+
+
 def exit_layers(quality: torch.Tensor, threshold: float) -> torch.Tensor:
     """Per row, the first exit (1-based) whose quality reaches ``threshold``; K + 1 if none.
 

@@ -79,6 +79,8 @@ class ExitGraph:
     post: Piece | None = None          # the rest of the head, from the pooled values
     post_cost: float = 0.0             # linear FLOPs per row of ``post``
     static_rows: bool = False          # batch traced as a constant > 1: all rows leave or none
+    checks: list[Any] | None = None    # per exit k: segment k - 1 fused with exit k's check
+    checks_mode: str | None = None     # the runner mode the fused checks serve (MEAN, POOLED)
     compiled: bool = False
     graphs: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -142,11 +144,35 @@ class ExitGraph:
                       *[p for p in (self.pool, self.post) if p is not None]]
             for p in [*pieces, *([self.whole] if self.whole is not None else [])]:
                 if p.nodes:
-                    example = [n.meta.get("example_value", n.meta.get("val"))
-                               for n in p.inputs]
-                    p.fn = compile_fx(p.module, example)
+                    p.fn = compile_fx(p.module, [_example(n) for n in p.inputs])
                     self.graphs += 1
+            for c in self.checks or []:
+                c.fn = compile_fx(c.module, self._check_example(c))
+                self.graphs += 1
         self.compiled = True
+
+    def _check_example(self, c: Any) -> list[Any]:
+        """Example inputs of a fused check: its graph values', then fake adapter weights
+        and, from exit 2 on, the previous exit's summary (symbolic batch)."""
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        from ..passes.exit_checks import summary
+
+        example = [_example(n) for n in c.inputs]
+        fake = next(x.fake_mode for x in example if isinstance(x, FakeTensor))
+        width = self.width
+        example += [fake.from_tensor(torch.empty(width, width, dtype=c.adapter_dtype)),
+                    fake.from_tensor(torch.empty(width, dtype=c.adapter_dtype))]
+        if c.takes_prev:
+            ref = _example(self.stream[c.exit - 1] if self.checks_mode == MEAN
+                           else self.primary)
+            with fake:
+                example.append(summary(self.signal, ref))
+        return example
+
+
+def _example(n: fx.Node) -> Any:
+    return n.meta.get("example_value", n.meta.get("val"))
 
 
 def _signal(g: ExitGraph, out: torch.Tensor, prev: torch.Tensor | None,
@@ -323,12 +349,14 @@ class ExitRunner:
             result = self._dense(env)
         elif not any(self.runtime.plan(threshold := self.runtime.threshold(value), g.exits)[0]):
             result = self._dense(env)
+        elif not g.token_level:
+            result = self._rows_mode(env, threshold)
         else:
             first = g.stream[1] if len(g.stream) > 1 else g.stream[-1]
             g.segments[0].run(env)
-            tokens = g.token_level and env[first].dim() >= 3 and env[first].shape[1] > 1
+            tokens = env[first].dim() >= 3 and env[first].shape[1] > 1
             result = (self._tokens(env, threshold) if tokens
-                      else self._rows_mode(env, threshold))
+                      else self._rows_mode(env, threshold, started=True))
         return result
 
     def _outputs(self, env: dict[fx.Node, Any]) -> list[Any]:
@@ -410,41 +438,69 @@ class ExitRunner:
 
     # -------------------------------------------------------------- row mode
 
-    def _rows_mode(self, env: dict[fx.Node, Any], threshold: float) -> list[Any]:
+    def _fused_checks(self) -> list[Any] | None:
+        """The layer pieces fused with their exit checks, when they serve this call."""
         g = self.g
-        b0 = env[g.stream[1] if g.exits >= 1 else g.stream[-1]]
-        total = int(b0.shape[0])
-        alive = torch.arange(total)
+        if g.checks and self.mode == g.checks_mode and self.runtime.signal_adapted:
+            return g.checks
+        return None
+
+    def _rows_mode(self, env: dict[fx.Node, Any], threshold: float,
+                   started: bool = False) -> list[Any]:
+        """Rows leave the batch at the exit where their quality reaches ``threshold``;
+        ``started``: segment 0 has already run."""
+        g = self.g
         parts: dict[fx.Node, list[tuple[torch.Tensor, Any]]] = {}
         done: set[fx.Node] = set()
         out_nodes = [o for o in g.outputs if isinstance(o, fx.Node)]
         rt = self.runtime
         fire, checked = rt.plan(threshold, g.exits)
-        costs = self._costs(self._tokens_per_row(b0))
-        prev = None
-        if g.signal == CONVERGENCE and checked[0]:
-            prev = _signal(g, self._decide_on(env, 0, env[g.stream[0]], False)[0],
-                           None, False)[1]
-        spent = g.segment_cost[0] * total + (costs.first * total if prev is not None else 0.0)
-        summ = None
+        fused = self._fused_checks()
+        alive = torch.arange(0)
+        total = depth = 0  # rows in the batch; layers run, summed over rows
+        spent = 0.0
+        costs: ExitCosts | None = None
+        prev = summ = None
         ones_all: list[torch.Tensor] | None = None
-        depth = total  # layers run, summed over rows (segment 0 ran for all)
         finished = False
         for k in range(1, g.exits + 1):
+            sig = heads = None
+            if k > 1 or not started:
+                if fused is not None and checked[k - 1]:  # layer k - 1 and exit k's check
+                    c = fused[k - 1]
+                    w, b = rt.adapter_matrix(k, g.width, c.adapter_dtype,
+                                             self.mode == POOLED)
+                    sig, summ, heads = c.run(env, w, b, prev, int(alive.numel()))
+                    if prev is None and k > 1:  # no reference: the exit cannot fire
+                        sig = torch.zeros_like(sig)
+                    heads = heads or None
+                else:
+                    g.segments[k - 1].run(env)
+            if k == 1:
+                b0 = env[g.stream[1]]
+                total = int(b0.shape[0])
+                alive = torch.arange(total)
+                costs = self._costs(self._tokens_per_row(b0))
+                if g.signal == CONVERGENCE and checked[0]:
+                    spent += costs.first * total
+                    if sig is None:  # the exit-0 reference (fused checks make it in-graph)
+                        prev = _signal(g, self._decide_on(env, 0, env[g.stream[0]], False)[0],
+                                       None, False)[1]
+            assert costs is not None
+            spent += g.segment_cost[k - 1] * alive.numel()
+            depth += alive.numel()
             if not checked[k - 1]:  # this exit cannot fire at this threshold, nor the next
                 prev = None
-                g.segments[k].run(env)
-                spent += g.segment_cost[k] * alive.numel()
-                depth += alive.numel()
                 continue
             raw = env[g.stream[k]]
-            if ones_all is None and self.mode == POOLED and rt.adapters:
-                ones_all = _pool_at(g, env, torch.ones_like(raw))  # bias scale, once per call
-            out, heads = self._decide_on(env, k, raw, rt.signal_adapted, ones_all)
+            if sig is None:
+                if ones_all is None and self.mode == POOLED and rt.adapters:
+                    ones_all = _pool_at(g, env, torch.ones_like(raw))  # bias scale, per call
+                out, heads = self._decide_on(env, k, raw, rt.signal_adapted, ones_all)
+                sig, summ = _signal(g, out, prev, False)
+            assert summ is not None
             spent += costs.check * alive.numel()
-            sig, summ = _signal(g, out, prev, False)
-            quality = rt.quality(k, sig)
-            leave = quality >= threshold
+            leave = rt.leaves(k, sig, threshold)
             if not fire[k - 1]:
                 leave = torch.zeros_like(leave)
             if g.static_rows and not bool(leave.all()):
@@ -490,10 +546,11 @@ class ExitRunner:
                 if ones_all is not None:
                     ones_all = [o.index_select(0, stay) for o in ones_all]
             prev = summ
-            g.segments[k].run(env)
-            spent += g.segment_cost[k] * alive.numel()
-            depth += alive.numel()
+        assert costs is not None
         if not finished:
+            g.segments[g.exits].run(env)
+            spent += g.segment_cost[g.exits] * alive.numel()
+            depth += alive.numel()
             g.head.run(env)
             spent += costs.head * alive.numel()
         for o in out_nodes:
@@ -549,7 +606,7 @@ class ExitRunner:
                 g.head.run(env)
                 return self._outputs(env)
             sig, prev = _signal(g, out, prev, True)
-            leave = (self.runtime.quality(k, sig.flatten()) >= threshold).view(b, s)
+            leave = self.runtime.leaves(k, sig.flatten(), threshold).view(b, s)
             leave = leave.unsqueeze(-1) & fire[k - 1]
             if frozen is None:
                 frozen, kept = leave, torch.where(leave, ha, torch.zeros_like(ha))

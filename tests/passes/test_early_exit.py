@@ -215,8 +215,10 @@ def test_no_recompile_across_budgets_under_inductor():
             opt(**_ids(9, 8, seed=4))
             assert opt.stats.ratio("exit_depth") < 1.0
     graphs = opt.state.forms["early_exit"].graphs
-    # Every segment, the head, and the whole graph (run when no exit can fire).
-    assert graphs and all(g.compiled and g.graphs == len(g.segments) + 2 for g in graphs)
+    # Every segment, the head, the whole graph (run when no exit can fire), and each
+    # segment fused with the exit check after it (MiniLM-like: the token mean).
+    assert graphs and all(g.compiled and g.checks_mode == "mean" and
+                          g.graphs == len(g.segments) + 2 + g.exits for g in graphs)
     compare_outputs(outs[1.0], call_batch(model, x), atol=1e-4)
 
 

@@ -32,9 +32,18 @@ import torch
 from torch import fx
 
 from ...runtime.exit_fit import QualityMap, ThresholdCurve
-from ...runtime.exit_program import CONFIDENCE, CONVERGENCE, FULL, ExitGraph, ExitRunner
+from ...runtime.exit_program import (
+    CONFIDENCE,
+    CONVERGENCE,
+    FULL,
+    MEAN,
+    POOLED,
+    ExitGraph,
+    ExitRunner,
+)
 from ..base import Pass, PassContext, positive_int
 from ..blocks import ResidualBlock
+from ..exit_checks import build_check
 from ..graph_utils import (
     node_value,
     placeholder_info,
@@ -148,6 +157,8 @@ class ExitRuntime:
         self.adapter_fit = adapter_fit
         self.pooled_states: list[list[torch.Tensor]] = []
         self.pooled_adapters: list[dict[str, torch.Tensor]] = []
+        self._cuts: dict[tuple[int, float], float] = {}
+        self._mats: dict[tuple[int, bool, torch.dtype, int], tuple[torch.Tensor, ...]] = {}
         self.recording = False
         self.graphs: list[ExitGraph] = []  # the cut graphs using this runtime
         self.tune_steps = tune_steps
@@ -209,6 +220,24 @@ class ExitRuntime:
             return torch.nn.functional.linear(state, a["w"].to(dt)) + b
         low = torch.nn.functional.linear(state, a["vt"].to(dt))
         return state + torch.nn.functional.linear(low, a["u"].to(dt)) + b
+
+    def adapter_matrix(self, k: int, width: int, dtype: torch.dtype, pooled: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exit ``k``'s adapter as one affine map ``(w, b)`` in ``dtype`` (``adapt`` without
+        a bias scale is ``F.linear(state, w) + b``; the identity without adapters), for
+        the fused exit checks."""
+        key = (k, pooled, dtype, width)
+        got = self._mats.get(key)
+        if got is None:
+            if not self.adapters:
+                w, b = torch.eye(width), torch.zeros(width)
+            else:
+                a = (self.pooled_adapters or self.adapters)[k - 1] if pooled \
+                    else self.adapters[k - 1]
+                w = a["w"] if "w" in a else torch.eye(width) + a["u"].float() @ a["vt"].float()
+                b = a["b"]
+            got = self._mats[key] = (w.to(dtype).contiguous(), b.to(dtype).contiguous())
+        return got
 
     def observe(self, graph: ExitGraph, signals: torch.Tensor, qualities: torch.Tensor,
                 tokens: float = 1.0, mode: str = FULL) -> None:
@@ -304,12 +333,23 @@ class ExitRuntime:
             self.plan(t, len(self.maps))[1]))
         self.signals, self.qualities, self.tokens = [], [], []
         self._memo.clear()
+        self._mats.clear()
+        self._cuts.clear()
         self._plans.clear()
         log.info("early_exit: calibrated %d exits on %d rows", sig.shape[1], sig.shape[0])
 
     def quality(self, k: int, signal: torch.Tensor) -> torch.Tensor:
         """Predicted quality at exit ``k`` (1-based) for these signals."""
         return self.maps[k - 1](signal)
+
+    def leaves(self, k: int, signal: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Whether each signal's predicted quality at exit ``k`` reaches ``threshold``: one
+        comparison with the signal the map reaches it at."""
+        key = (k, threshold)
+        cut = self._cuts.get(key)
+        if cut is None:
+            cut = self._cuts[key] = self.maps[k - 1].cut(threshold)
+        return signal >= cut
 
     def plan(self, threshold: float, exits: int) -> tuple[list[bool], list[bool]]:
         """Which exits can fire at ``threshold`` (their best calibrated quality reaches
@@ -367,6 +407,8 @@ class ExitRuntime:
         self.pooled_adapters = [{name: tensors[f"pooled_{name}.{k}"] for name in ("w", "b")}
                                 for k in range(int(meta.get("pooled_adapters", 0)))]
         self._memo.clear()
+        self._mats.clear()
+        self._cuts.clear()
         self._plans.clear()
 
 
@@ -620,7 +662,7 @@ class EarlyExitForm(Pass):
                 if isinstance(v, torch.SymInt) and sym(v) == batch:
                     batch_ints.add(n)
         linears = blocks.linears
-        return ExitGraph(
+        eg = ExitGraph(
             placeholders=[n for n in nodes if n.op == "placeholder"], outputs=outputs,
             stream=stream, segments=segments, head=head, fills=fills, primary=primary,
             signal=signal, batch=batch_nodes, batch_ints=batch_ints, token_level=token_level,
@@ -630,6 +672,27 @@ class EarlyExitForm(Pass):
                        for p in fills],
             static_rows=isinstance(batch, sympy.Integer) and int(batch) > 1, whole=whole,
             pool=pool, post=post, post_cost=post_cost)
+        _fuse_checks(eg)
+        return eg
+
+
+def _fuse_checks(g: ExitGraph) -> None:
+    """Give ``g`` its layer pieces fused with the exit checks, where a check reads one
+    pooled row per sample (``passes.exit_checks``)."""
+    if g.token_level:
+        return
+    if g.pool is not None:
+        mode = POOLED
+    elif g.signal == CONVERGENCE and g.primary is g.stream[-1]:
+        mode = MEAN
+    else:
+        return
+    try:
+        g.checks = [build_check(k, g.segments[k - 1], g.stream, g.signal, mode, g.primary,
+                                g.pool, g.post) for k in range(1, g.exits + 1)]
+        g.checks_mode = mode
+    except Exception as e:  # a graph the builder cannot copy: checks stay unfused
+        log.info("early_exit: exit checks not fused into the layer pieces (%s)", e)
 
 
 def _numel_hint(t: torch.Tensor) -> int:

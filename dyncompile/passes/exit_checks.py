@@ -1,0 +1,255 @@
+"""Exit checks fused into the layer pieces of an early-exit graph.
+
+An exit check that reads a pooled row per sample (the head's pooling region,
+or the token mean of a stream that is the model's output) costs almost no
+FLOPs, but run on its own it is a dozen small eager ops and two more compiled
+calls per exit: on a single short sequence that is a tenth of the forward.
+Here each segment ``k - 1`` (the layer before exit ``k``) is rebuilt as one
+graph that also computes exit ``k``'s check from the state it has just made:
+
+- MEAN (the output is the stream): the token mean, the exit's adapter, and the
+  cosine to the previous exit's adapted mean;
+- POOLED: the head's pooling region on the state, the adapter on the pooled
+  rows (bias scaled by the pooling of an all-ones stream), the rest of the
+  head, then the confidence (max softmax, less one where the prediction changed
+  since the previous exit) or the cosine of the pooled outputs.
+
+The adapter (``w``, ``b``) and the previous exit's summary are inputs, so the
+graph is built and compiled before calibration and never again. Exit 1 has no
+previous exit: a convergence signal compares with the (unadapted) exit-0
+state, which segment 0 computes in the same graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from ..runtime.exit_program import CONFIDENCE, MEAN, POOLED
+from .pieces import Piece
+
+
+@dataclass(eq=False)
+class CheckPiece:
+    """Segment ``exit - 1`` with exit ``exit``'s check: ``fn(*env inputs, w, b[, prev])``
+    returns the segment's outputs, then the signal, the summary (prediction or pooled
+    output) and, POOLED, the head's outputs (``heads``) for the rows that leave."""
+
+    exit: int
+    segment: Piece
+    inputs: list[fx.Node]            # graph values read from the environment
+    heads: list[fx.Node]             # head outputs returned after signal and summary
+    takes_prev: bool                 # whether ``prev`` (the previous summary) is an input
+    summary_shape: tuple[int, ...]   # one row's summary (() for a prediction)
+    summary_dtype: torch.dtype
+    adapter_dtype: torch.dtype       # what ``w`` and ``b`` must be in
+    module: fx.GraphModule
+    fn: Callable[..., Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fn = self.module
+
+    def run(self, env: dict[fx.Node, Any], w: torch.Tensor, b: torch.Tensor,
+            prev: torch.Tensor | None, rows: int
+            ) -> tuple[torch.Tensor, torch.Tensor, dict[fx.Node, Any]]:
+        """Run the segment into ``env`` for its ``rows`` rows; return (signal, summary,
+        head outputs)."""
+        args = [env[n] for n in self.inputs] + [w, b]
+        if self.takes_prev:
+            if prev is None:  # the previous exit was not checked: this signal goes unused
+                prev = torch.zeros((rows, *self.summary_shape), dtype=self.summary_dtype)
+            args.append(prev)
+        outs = self.fn(*args)
+        n = len(self.segment.outputs)
+        for node, value in zip(self.segment.outputs, outs[:n]):
+            env[node] = value
+        return outs[n], outs[n + 1], dict(zip(self.heads, outs[n + 2:]))
+
+
+def summary(signal: str, out: Any) -> Any:
+    """What a row's quality is measured on: the prediction (confidence) or the pooled
+    output (convergence); works on tensors and on FX proxies alike."""
+    if signal == CONFIDENCE:
+        return _logits(out).softmax(-1).max(-1)[1]
+    return _pooled(out)
+
+
+def signal_of(signal: str, out: Any, prev: Any | None) -> tuple[Any, Any]:
+    """(signal, summary) per row for the head output ``out`` (the row-mode signal of
+    :func:`dyncompile.runtime.exit_program._signal`, written for graphs)."""
+    if signal == CONFIDENCE:
+        conf, pred = _logits(out).softmax(-1).max(-1)
+        if prev is not None:
+            conf = conf - (pred != prev).float()
+        return conf, pred
+    pooled = _pooled(out)
+    if prev is None:
+        return pooled.new_zeros(pooled.shape[:1]), pooled
+    return F.cosine_similarity(pooled, prev, dim=-1), pooled
+
+
+def _dims(out: Any) -> int:
+    if not isinstance(out, Proxy):
+        return out.dim()
+    v = out.node.meta.get("example_value", out.node.meta.get("val"))
+    return v.dim() if isinstance(v, torch.Tensor) else int(out.node.meta["ndim"])
+
+
+def _logits(out: Any) -> Any:
+    logits = out.float()
+    d = _dims(out)
+    if d == 3:
+        return logits[:, -1]
+    if d > 3:
+        return logits.flatten(1, -2)[:, -1]
+    return logits
+
+
+def _pooled(out: Any) -> Any:
+    return out.float().flatten(1, -2).mean(1) if _dims(out) > 2 else out.float()
+
+
+class _Builder:
+    """Copies regions of the traced graph into a new graph, substituting values."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.graph = fx.Graph()
+        self.tracer = GraphAppendingTracer(self.graph)
+        self.have: dict[fx.Node, fx.Node] = {}
+        self.inputs: list[fx.Node] = []
+
+    def placeholder(self, node: fx.Node) -> None:
+        ph = self.graph.placeholder(f"in_{node.name}")
+        ph.meta = dict(node.meta)
+        self.have[node] = ph
+        self.inputs.append(node)
+
+    def copy(self, nodes: Iterable[fx.Node], subst: dict[fx.Node, fx.Node] | None = None
+             ) -> dict[fx.Node, fx.Node]:
+        """Copy ``nodes`` (graph order), reading ``subst`` first, then what is built."""
+        made: dict[fx.Node, fx.Node] = dict(subst or {})
+
+        def lookup(u: fx.Node) -> fx.Node:
+            if u in made:
+                return made[u]
+            if u not in self.have and u.op == "get_attr":
+                self.have[u] = self.graph.node_copy(u, lookup)
+            return self.have[u]
+
+        for n in nodes:
+            made[n] = self.graph.node_copy(n, lookup)
+        return made
+
+    def proxy(self, node: fx.Node) -> Proxy:
+        return Proxy(node, self.tracer)
+
+
+def _outside(nodes: Iterable[fx.Node], known: set[fx.Node]) -> list[fx.Node]:
+    """Values ``nodes`` read that are neither among them nor ``known`` (nor attributes)."""
+    inside = set(nodes)
+    out: list[fx.Node] = []
+    for n in nodes:
+        for u in n.all_input_nodes:
+            if u not in inside and u not in known and u.op != "get_attr" and u not in out:
+                out.append(u)
+    return out
+
+
+def _meta_dims(node: fx.Node, source: fx.Node) -> None:
+    v = source.meta.get("example_value", source.meta.get("val"))
+    if isinstance(v, torch.Tensor):
+        node.meta["ndim"] = v.dim()
+
+
+def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, mode: str,
+                primary: fx.Node, pool: Piece | None = None, post: Piece | None = None
+                ) -> CheckPiece:
+    """Segment ``exit - 1`` fused with exit ``exit``'s check (``mode`` MEAN or POOLED)."""
+    if mode not in (MEAN, POOLED):
+        raise ValueError(f"exit checks fuse only for {MEAN!r} or {POOLED!r} exits")
+    if mode == POOLED and (pool is None or post is None):
+        raise ValueError("a pooled exit check needs the head's pool and post pieces")
+    gm = segment.module if not segment.nodes else segment.nodes[0].graph.owning_module
+    assert gm is not None
+    b = _Builder(gm)
+    f, state, first = stream[-1], stream[exit], stream[0]
+    head_nodes = [*(pool.nodes if pool else []), *(post.nodes if post else [])]
+    known = set(segment.inputs) | set(segment.nodes) | {f}
+    for n in [*segment.inputs, *_outside(head_nodes, known),
+              *[o for o in (post.outputs if post else []) if o not in known
+                and o not in set(head_nodes) and o not in segment.inputs]]:
+        if n not in b.have:
+            b.placeholder(n)
+    w_node = b.graph.placeholder("adapter_w")
+    bias_node = b.graph.placeholder("adapter_b")
+    takes_prev = exit > 1
+    prev_node = b.graph.placeholder("prev") if takes_prev else None
+    b.have.update(b.copy(segment.nodes))
+    w, bias = b.proxy(w_node), b.proxy(bias_node)
+
+    def head_outputs(at: fx.Node, adapted: bool) -> dict[fx.Node, Proxy]:
+        """The head's outputs (POOLED) for the stream value ``at``."""
+        assert pool is not None and post is not None
+        got = b.copy(pool.nodes, {f: b.have[at]})
+        pooled = {o: got.get(o, b.have.get(o)) for o in pool.outputs}
+        if adapted:
+            ones = torch.ones_like(b.proxy(b.have[at]))
+            got1 = b.copy(pool.nodes, {f: ones.node})
+            for o in pool.outputs:
+                scale = b.proxy(got1.get(o, b.have.get(o)))
+                pooled[o] = (F.linear(b.proxy(pooled[o]), w) + bias * scale).node
+        done = b.copy(post.nodes, {**pooled, f: b.have[at]})
+        vals = {}
+        for o in post.outputs:
+            node = done.get(o, pooled.get(o, b.have.get(o)))
+            _meta_dims(node, o)
+            vals[o] = b.proxy(node)
+        return vals
+
+    heads: list[fx.Node] = []
+    head_vals: list[Proxy] = []
+    if mode == MEAN:
+        s = b.proxy(b.have[state])
+        _meta_dims(s.node, state)
+        out = F.linear(_pooled(s), w) + bias
+        out.node.meta["ndim"] = 2
+        prev = None
+        if takes_prev:
+            prev = b.proxy(prev_node)
+        elif signal != CONFIDENCE:
+            s0 = b.proxy(b.have[first])
+            _meta_dims(s0.node, first)
+            prev = _pooled(s0)
+    else:
+        vals = head_outputs(state, True)
+        out = vals[primary]
+        heads = list(post.outputs)
+        head_vals = [vals[o] for o in heads]
+        prev = None
+        if takes_prev:
+            prev = b.proxy(prev_node)
+        elif signal != CONFIDENCE:
+            prev = summary(signal, head_outputs(first, False)[primary])
+    sig, summ = signal_of(signal, out, prev)
+    b.graph.output(tuple([*[b.have[o] for o in segment.outputs], sig.node, summ.node,
+                          *[v.node for v in head_vals]]))
+    module = fx.GraphModule(gm, b.graph, class_name=f"Check_{exit}")
+    if signal == CONFIDENCE:
+        shape, dtype = (), torch.long
+    else:
+        ref = state if mode == MEAN else primary
+        v = ref.meta.get("example_value", ref.meta.get("val"))
+        shape, dtype = (int(v.shape[-1]),), torch.float32
+    sv = state.meta.get("example_value", state.meta.get("val"))
+    adapter_dtype = torch.float32 if mode == MEAN or not isinstance(sv, torch.Tensor) \
+        else sv.dtype
+    return CheckPiece(exit=exit, segment=segment, inputs=b.inputs, heads=heads,
+                      takes_prev=takes_prev, summary_shape=shape, summary_dtype=dtype,
+                      adapter_dtype=adapter_dtype, module=module)

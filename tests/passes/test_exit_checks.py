@@ -1,0 +1,116 @@
+"""Exit checks fused into the layer pieces: the fused graph is the segment plus the check
+(ops counted), runs give the same exits and outputs as the unfused checks, and the
+signal cut agrees with the quality map."""
+
+import pytest
+import torch
+
+import dyncompile
+from dyncompile.runtime.exit_fit import QualityMap
+from tests.passes.test_early_exit import _bert, _ids, _plan
+from tests.passes.test_exit_pooling import PooledClassifier, _cal, _masked, _ops
+
+
+def _body(gm):
+    return _ops([n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")])
+
+
+def _added(c):
+    extra = _body(c.module)
+    for op in _ops(c.segment.nodes):
+        extra.remove(op)  # raises if the fused graph lost one of the segment's ops
+    return extra
+
+
+def test_mean_check_fused_graph_is_segment_plus_token_mean_adapter_and_cosine():
+    gm, g, _ = _plan(_bert(), _ids(2, 6, 0))
+    assert g.checks_mode == "mean" and len(g.checks) == g.exits == 3
+    first, second = g.checks[0], g.checks[1]
+    # Exit 1: the adapted token mean of the state, compared with the exit-0 state's mean
+    # (segment 0 makes both, so there is no ``prev`` input).
+    assert not first.takes_prev
+    assert _added(first) == sorted(["flatten", "float", "mean", "flatten", "float", "mean",
+                                    "float", "linear", "add", "cosine_similarity"])
+    # Later exits read the previous exit's summary instead.
+    assert second.takes_prev and first.segment is g.segments[0]
+    assert _added(second) == sorted(["flatten", "float", "mean", "float", "linear", "add",
+                                     "cosine_similarity"])
+    names = [n.name for n in second.module.graph.nodes if n.op == "placeholder"]
+    assert names[-3:] == ["adapter_w", "adapter_b", "prev"]
+    assert len(names) == len(second.inputs) + 3
+
+
+def test_pooled_check_fused_graph_pools_adapts_and_runs_the_head():
+    gm, g, _ = _plan(PooledClassifier("mean").eval(), _masked(2, 6, 0))
+    assert g.checks_mode == "pooled"
+    c = g.checks[1]
+    pool, post = _ops(g.pool.nodes), _ops(g.post.nodes)
+    expected = sorted([*pool, *pool,                      # the state, and an all-ones one
+                       "ones_like", "linear", "mul", "add",  # adapter, bias scaled
+                       *post,                             # the rest of the head
+                       "float", "softmax", "max", "getitem", "getitem",  # confidence
+                       "ne", "float", "sub"])             # less one where it changed
+    assert _added(c) == expected
+    assert c.heads == g.post.outputs and c.takes_prev
+
+
+def _run(opt, x, fused: bool):
+    rt = opt.state.forms["early_exit"]
+    saved = [(g, g.checks) for g in rt.graphs]
+    if not fused:
+        for g in rt.graphs:
+            g.checks = None
+    try:
+        out = {}
+        with torch.no_grad():
+            for b in (0.3, 0.5, 0.8):
+                with dyncompile.budget(b):
+                    y = opt(**x)
+                out[b] = (y if isinstance(y, torch.Tensor) else y.last_hidden_state,
+                          opt.stats.fraction, opt.stats.ratio("exit_depth") or 1.0)
+        return out
+    finally:
+        for g, checks in saved:
+            g.checks = checks
+
+
+@pytest.mark.parametrize("which", ["mean", "pooled"])
+def test_fused_checks_give_the_same_exits_and_outputs(which):
+    if which == "mean":
+        model, cal, x = _bert(), [_ids(8, 8, s) for s in range(4)], _ids(9, 8, 5)
+    else:
+        model, cal, x = PooledClassifier("mean").eval(), _cal(), _masked(9, 8, 5)
+    opt = dyncompile.optimize(model, methods=["early_exit"], calibration=cal,
+                              compiler="eager")
+    rt = opt.state.forms["early_exit"]
+    assert all(g.checks_mode == which for g in rt.graphs)
+    calls = []
+    original = [g.checks for g in rt.graphs]
+    for checks in original:
+        for c in checks:
+            run = c.run
+            c.run = lambda *a, run=run, **kw: calls.append(1) or run(*a, **kw)
+    fused, plain = _run(opt, x, True), _run(opt, x, False)
+    assert calls, "the fused checks did not run"
+    depths = []
+    for b in fused:
+        torch.testing.assert_close(fused[b][0], plain[b][0], atol=1e-5, rtol=1e-5)
+        assert fused[b][1:] == pytest.approx(plain[b][1:], rel=1e-6)
+        depths.append(fused[b][2])
+    assert min(depths) < 1.0  # rows left somewhere: the leaving path ran fused
+
+
+def test_signal_cut_agrees_with_the_quality_map():
+    gen = torch.Generator().manual_seed(0)
+    signal = torch.rand(500, generator=gen)
+    target = (signal + 0.3 * torch.randn(500, generator=gen) > 0.5).float()
+    m = QualityMap.fit(signal, target)
+    probe = torch.linspace(-0.5, 1.5, 2001)
+    q = m(probe)
+    for t in [float(v) for v in torch.linspace(0.0, 1.05, 23)]:
+        cut = m.cut(t)
+        agree = (q >= t) == (probe >= cut)
+        # Only a probe within rounding of the cut may disagree.
+        assert bool(agree.all()) or bool(((probe - cut).abs()[~agree] < 1e-5).all())
+    assert m.cut(float(m.values.min()) - 1) == float("-inf")
+    assert m.cut(float(m.values.max()) + 1e-3) == float("inf")
