@@ -6,8 +6,10 @@ timed interleaved with the dense model under the default ``torch.compile``
 backend: median of repeats, 2 threads, on batches of real sentences of exactly
 128 tokens (1x128 and 32x128). Rows per budget: 1.0 (no exit checked), a
 worst case where every exit is checked and no row leaves ("checked, none
-leave": the overhead of the exit checks and of running in pieces), and
-budgets 0.8 / 0.6 / 0.4, with the spent FLOP fraction and mean depth the
+leave": the overhead of the exit checks and of running in pieces), the same
+with the checks run on their own instead of inside the layer pieces ("checks
+unfused"), the layers run piece by piece with no check ("pieces, no check"),
+and budgets 0.8 / 0.6 / 0.4, with the spent FLOP fraction and mean depth the
 runtime reports. Also counts the graphs dynamo compiled for the pieces.
 
     python benchmarks/early_exit_speed.py [--repeats 20] [--json PATH]
@@ -32,23 +34,37 @@ from dyncompile.testing.zoo import load_minilm
 BUDGETS = (0.8, 0.6, 0.4)
 SHAPES = ((1, 128), (32, 128))
 NONE_LEAVE = "checked, none leave"
+UNFUSED = "checked, none leave, checks unfused"
+PIECES = "pieces, no check"
 
 
 class _NoneLeave:
-    """Every exit evaluated, no row leaves (patches the runtime for one call)."""
+    """Every exit evaluated, no row leaves (patches the runtime for one call); ``fused``
+    False: the checks run on their own, not inside the layer pieces; ``checks`` False:
+    no exit is evaluated but the layers still run piece by piece."""
 
-    def __init__(self, runtime: Any) -> None:
-        self.rt = runtime
+    def __init__(self, runtime: Any, fused: bool = True, checks: bool = True) -> None:
+        self.rt, self.fused, self.checks = runtime, fused, checks
 
     def __enter__(self) -> None:
         n = len(self.rt.maps)
-        self.saved = (self.rt.plan, self.rt.leaves)
-        self.rt.plan = lambda t, k: ([True] * k, [True] * k)
+        self.saved = (self.rt.plan, self.rt.leaves, [g.checks for g in self.rt.graphs])
+        # One fired exit (past the last) keeps the runner from taking the whole graph.
+        self.rt.plan = (lambda t, k: ([True] * k, [True] * k)) if self.checks \
+            else (lambda t, k: ([False] * (k - 1) + [True], [False] * k))
         self.rt.leaves = lambda k, s, t: torch.zeros_like(s, dtype=torch.bool)
+        if not self.fused:
+            for g in self.rt.graphs:
+                g.checks = None
         assert n > 0
 
     def __exit__(self, *exc: Any) -> None:
-        self.rt.plan, self.rt.leaves = self.saved
+        self.rt.plan, self.rt.leaves, checks = self.saved
+        for g, c in zip(self.rt.graphs, checks):
+            g.checks = c
+
+
+VARIANTS = {NONE_LEAVE: {}, UNFUSED: {"fused": False}, PIECES: {"checks": False}}
 
 
 def run(repeats: int) -> dict[str, Any]:
@@ -65,11 +81,11 @@ def run(repeats: int) -> dict[str, Any]:
             reps = repeats if label.startswith("1x") else max(5, repeats // 3)
             fns = {"dense": lambda b=batch, d=dense: call_batch(d, b)}
             info: dict[str, tuple[float, float]] = {}
-            for b in (1.0, NONE_LEAVE, *BUDGETS):
+            for b in (1.0, *VARIANTS, *BUDGETS):
                 def call(b: Any = b, batch: Any = batch, opt: Any = opt,
                          runtime: Any = runtime) -> Any:
-                    if b == NONE_LEAVE:
-                        with _NoneLeave(runtime), dyncompile.budget(0.5):
+                    if b in VARIANTS:
+                        with _NoneLeave(runtime, **VARIANTS[b]), dyncompile.budget(0.5):
                             return call_batch(opt, batch)
                     with dyncompile.budget(b):
                         return call_batch(opt, batch)
@@ -80,7 +96,7 @@ def run(repeats: int) -> dict[str, Any]:
                 fns[str(b)] = call
             with torch.no_grad():
                 t = time_interleaved(fns, repeats=reps, warmup=2)
-            for b in (1.0, NONE_LEAVE, *BUDGETS):
+            for b in (1.0, *VARIANTS, *BUDGETS):
                 spent, depth = info[str(b)]
                 rows.append({"what": what, "shape": label, "budget": b, "spent": spent,
                              "depth": depth, "dense_ms": 1e3 * t["dense"],
