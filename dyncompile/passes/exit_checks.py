@@ -75,9 +75,7 @@ class CheckPiece:
 def summary(signal: str, out: Any) -> Any:
     """What a row's quality is measured on: the prediction (confidence) or the pooled
     output (convergence); works on tensors and on FX proxies alike."""
-    if signal == CONFIDENCE:
-        return _logits(out).softmax(-1).max(-1)[1]
-    return _pooled(out)
+    return signal_of(signal, out, None)[1]
 
 
 def signal_of(signal: str, out: Any, prev: Any | None) -> tuple[Any, Any]:
@@ -118,8 +116,7 @@ def _pooled(out: Any) -> Any:
 class _Builder:
     """Copies regions of the traced graph into a new graph, substituting values."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
+    def __init__(self) -> None:
         self.graph = fx.Graph()
         self.tracer = GraphAppendingTracer(self.graph)
         self.have: dict[fx.Node, fx.Node] = {}
@@ -178,13 +175,13 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
         raise ValueError("a pooled exit check needs the head's pool and post pieces")
     gm = segment.module if not segment.nodes else segment.nodes[0].graph.owning_module
     assert gm is not None
-    b = _Builder(gm)
+    b = _Builder()
     f, state, first = stream[-1], stream[exit], stream[0]
     head_nodes = [*(pool.nodes if pool else []), *(post.nodes if post else [])]
     known = set(segment.inputs) | set(segment.nodes) | {f}
-    for n in [*segment.inputs, *_outside(head_nodes, known),
-              *[o for o in (post.outputs if post else []) if o not in known
-                and o not in set(head_nodes) and o not in segment.inputs]]:
+    passed = [o for o in (post.outputs if post else [])  # head outputs it only passes on
+              if o not in known and o not in set(head_nodes)]
+    for n in [*segment.inputs, *_outside(head_nodes, known), *passed]:
         if n not in b.have:
             b.placeholder(n)
     w_node = b.graph.placeholder("adapter_w")
@@ -216,17 +213,13 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
     heads: list[fx.Node] = []
     head_vals: list[Proxy] = []
     if mode == MEAN:
-        s = b.proxy(b.have[state])
-        _meta_dims(s.node, state)
-        out = F.linear(_pooled(s), w) + bias
+        out = F.linear(_pooled(b.proxy(b.have[state])), w) + bias
         out.node.meta["ndim"] = 2
         prev = None
         if takes_prev:
             prev = b.proxy(prev_node)
         elif signal != CONFIDENCE:
-            s0 = b.proxy(b.have[first])
-            _meta_dims(s0.node, first)
-            prev = _pooled(s0)
+            prev = _pooled(b.proxy(b.have[first]))
     else:
         vals = head_outputs(state, True)
         out = vals[primary]

@@ -89,6 +89,12 @@ class ExitGraph:
     def exits(self) -> int:
         return len(self.segments) - 1
 
+    @property
+    def decides_on_stream(self) -> bool:
+        """The decisive output is the final stream itself (a convergence signal on an
+        encoder without a head): exits can decide on its token mean."""
+        return self.signal == CONVERGENCE and self.primary is self.stream[-1]
+
     @cached_property
     def width(self) -> int:
         return int(self.stream[-1].meta["example_value"].shape[-1]) \
@@ -277,9 +283,7 @@ class ExitRunner:
         g = self.g
         if g.pool is not None and self.runtime.pool_ok:
             return POOLED
-        if g.signal == CONVERGENCE and g.primary is g.stream[-1]:
-            return MEAN
-        return FULL
+        return MEAN if g.decides_on_stream else FULL
 
     def _exit_heads(self, env: dict[fx.Node, Any], k: int, raw: torch.Tensor,
                     adapted: bool, ones: list[torch.Tensor] | None = None

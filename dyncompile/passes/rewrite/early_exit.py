@@ -683,7 +683,7 @@ def _fuse_checks(g: ExitGraph) -> None:
         return
     if g.pool is not None:
         mode = POOLED
-    elif g.signal == CONVERGENCE and g.primary is g.stream[-1]:
+    elif g.decides_on_stream:
         mode = MEAN
     else:
         return
