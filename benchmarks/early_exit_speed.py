@@ -48,18 +48,19 @@ class _NoneLeave:
 
     def __enter__(self) -> None:
         n = len(self.rt.maps)
-        self.saved = (self.rt.plan, self.rt.leaves, [g.checks for g in self.rt.graphs])
+        self.saved = (self.rt.plan, self.rt.cut, [g.checks for g in self.rt.graphs])
         # One fired exit (past the last) keeps the runner from taking the whole graph.
         self.rt.plan = (lambda t, k: ([True] * k, [True] * k)) if self.checks \
             else (lambda t, k: ([False] * (k - 1) + [True], [False] * k))
-        self.rt.leaves = lambda k, s, t: torch.zeros_like(s, dtype=torch.bool)
+        never = torch.tensor(float("inf"))  # the cut no signal reaches
+        self.rt.cut = lambda k, t: never
         if not self.fused:
             for g in self.rt.graphs:
                 g.checks = None
         assert n > 0
 
     def __exit__(self, *exc: Any) -> None:
-        self.rt.plan, self.rt.leaves, checks = self.saved
+        self.rt.plan, self.rt.cut, checks = self.saved
         for g, c in zip(self.rt.graphs, checks):
             g.checks = c
 

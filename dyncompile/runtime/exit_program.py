@@ -36,6 +36,9 @@ from . import stats as _stats
 
 log = logging.getLogger("dyncompile")
 
+# The cut of an exit that cannot fire: no signal reaches it.
+_NEVER = torch.tensor(float("inf"))
+
 CONFIDENCE = "confidence"
 CONVERGENCE = "convergence"
 
@@ -158,8 +161,8 @@ class ExitGraph:
         self.compiled = True
 
     def _check_example(self, c: Any) -> list[Any]:
-        """Example inputs of a fused check: its graph values', then fake adapter weights
-        and, from exit 2 on, the previous exit's summary (symbolic batch)."""
+        """Example inputs of a fused check: its graph values', then fake adapter weights,
+        the cut and, from exit 2 on, the previous exit's summary (symbolic batch)."""
         from torch._subclasses.fake_tensor import FakeTensor
 
         from ..passes.exit_checks import summary
@@ -168,7 +171,8 @@ class ExitGraph:
         fake = next(x.fake_mode for x in example if isinstance(x, FakeTensor))
         width = self.width
         example += [fake.from_tensor(torch.empty(width, width, dtype=c.adapter_dtype)),
-                    fake.from_tensor(torch.empty(width, dtype=c.adapter_dtype))]
+                    fake.from_tensor(torch.empty(width, dtype=c.adapter_dtype)),
+                    fake.from_tensor(torch.empty((), dtype=torch.float32))]
         if c.takes_prev:
             ref = _example(self.stream[c.exit - 1] if self.checks_mode == MEAN
                            else self.primary)
@@ -468,15 +472,19 @@ class ExitRunner:
         ones_all: list[torch.Tensor] | None = None
         finished = False
         for k in range(1, g.exits + 1):
-            sig = heads = None
+            sig = heads = leave = None
+            anyone = False
             if k > 1 or not started:
                 if fused is not None and checked[k - 1]:  # layer k - 1 and exit k's check
                     c = fused[k - 1]
                     w, b = rt.adapter_matrix(k, g.width, c.adapter_dtype,
                                              self.mode == POOLED)
-                    sig, summ, heads = c.run(env, w, b, prev, int(alive.numel()))
-                    if prev is None and k > 1:  # no reference: the exit cannot fire
-                        sig = torch.zeros_like(sig)
+                    # No reference (k > 1, previous exit unchecked): the exit cannot fire.
+                    can = fire[k - 1] and (prev is not None or k == 1)
+                    cut = rt.cut(k, threshold) if can else _NEVER
+                    sig, summ, leave, any_t, heads = c.run(env, w, b, cut, prev,
+                                                           int(alive.numel()))
+                    anyone = bool(any_t)
                     heads = heads or None
                 else:
                     g.segments[k - 1].run(env)
@@ -504,12 +512,14 @@ class ExitRunner:
                 sig, summ = _signal(g, out, prev, False)
             assert summ is not None
             spent += costs.check * alive.numel()
-            leave = rt.leaves(k, sig, threshold)
-            if not fire[k - 1]:
-                leave = torch.zeros_like(leave)
-            if g.static_rows and not bool(leave.all()):
-                leave = torch.zeros_like(leave)
-            if bool(leave.any()):
+            if leave is None:
+                leave = rt.leaves(k, sig, threshold)
+                if not fire[k - 1]:
+                    leave = torch.zeros_like(leave)
+                anyone = bool(leave.any())
+            if anyone and g.static_rows and not bool(leave.all()):
+                anyone = False
+            if anyone:
                 gone = leave.nonzero().flatten()
                 stay = (~leave).nonzero().flatten()
                 # Outputs computed so far are final for every row still here.

@@ -29,15 +29,16 @@ def test_mean_check_fused_graph_is_segment_plus_token_mean_adapter_and_cosine():
     # Exit 1: the adapted token mean of the state, compared with the exit-0 state's mean
     # (segment 0 makes both, so there is no ``prev`` input).
     assert not first.takes_prev
+    decide = ["ge", "any"]  # which rows reach the cut, and whether any does
     assert _added(first) == sorted(["flatten", "float", "mean", "flatten", "float", "mean",
-                                    "float", "linear", "add", "cosine_similarity"])
+                                    "float", "linear", "add", "cosine_similarity", *decide])
     # Later exits read the previous exit's summary instead.
     assert second.takes_prev and first.segment is g.segments[0]
     assert _added(second) == sorted(["flatten", "float", "mean", "float", "linear", "add",
-                                     "cosine_similarity"])
+                                     "cosine_similarity", *decide])
     names = [n.name for n in second.module.graph.nodes if n.op == "placeholder"]
-    assert names[-3:] == ["adapter_w", "adapter_b", "prev"]
-    assert len(names) == len(second.inputs) + 3
+    assert names[-4:] == ["adapter_w", "adapter_b", "cut", "prev"]
+    assert len(names) == len(second.inputs) + 4
 
 
 def test_pooled_check_fused_graph_pools_adapts_and_runs_the_head():
@@ -49,7 +50,8 @@ def test_pooled_check_fused_graph_pools_adapts_and_runs_the_head():
                        "ones_like", "linear", "mul", "add",  # adapter, bias scaled
                        *post,                             # the rest of the head
                        "float", "softmax", "max", "getitem", "getitem",  # confidence
-                       "ne", "float", "sub"])             # less one where it changed
+                       "ne", "float", "sub",              # less one where it changed
+                       "ge", "any"])                      # the rows that leave
     assert _added(c) == expected
     assert c.heads == g.post.outputs and c.takes_prev
 

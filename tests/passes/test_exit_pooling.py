@@ -177,14 +177,14 @@ def test_pooled_refit_used_saved_and_restored(tmp_path):
 
 def _spent_with_every_exit_checked(opt, x):
     rt = opt.state.forms["early_exit"]
-    saved = rt.plan, rt.leaves
+    saved = rt.plan, rt.cut
     rt.plan = lambda t, k: ([True] * k, [True] * k)
-    rt.leaves = lambda k, s, t: torch.zeros_like(s, dtype=torch.bool)
+    rt.cut = lambda k, t: torch.tensor(float("inf"))  # no signal reaches it
     try:
         with torch.no_grad(), dyncompile.budget(0.5):
             opt(**x)
     finally:
-        rt.plan, rt.leaves = saved
+        rt.plan, rt.cut = saved
     return opt.stats.fraction
 
 

@@ -157,7 +157,7 @@ class ExitRuntime:
         self.adapter_fit = adapter_fit
         self.pooled_states: list[list[torch.Tensor]] = []
         self.pooled_adapters: list[dict[str, torch.Tensor]] = []
-        self._cuts: dict[tuple[int, float], float] = {}
+        self._cuts: dict[tuple[int, float], torch.Tensor] = {}
         self._mats: dict[tuple[int, bool, torch.dtype, int], tuple[torch.Tensor, ...]] = {}
         self.recording = False
         self.graphs: list[ExitGraph] = []  # the cut graphs using this runtime
@@ -342,14 +342,20 @@ class ExitRuntime:
         """Predicted quality at exit ``k`` (1-based) for these signals."""
         return self.maps[k - 1](signal)
 
-    def leaves(self, k: int, signal: torch.Tensor, threshold: float) -> torch.Tensor:
-        """Whether each signal's predicted quality at exit ``k`` reaches ``threshold``: one
-        comparison with the signal the map reaches it at."""
+    def cut(self, k: int, threshold: float) -> torch.Tensor:
+        """The signal at which exit ``k``'s predicted quality reaches ``threshold``, as a
+        0-dim float32 tensor (what the fused exit checks compare with)."""
         key = (k, threshold)
         cut = self._cuts.get(key)
         if cut is None:
-            cut = self._cuts[key] = self.maps[k - 1].cut(threshold)
-        return signal >= cut
+            cut = self._cuts[key] = torch.tensor(self.maps[k - 1].cut(threshold),
+                                                 dtype=torch.float32)
+        return cut
+
+    def leaves(self, k: int, signal: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Whether each signal's predicted quality at exit ``k`` reaches ``threshold``: one
+        comparison with the signal the map reaches it at."""
+        return signal >= self.cut(k, threshold)
 
     def plan(self, threshold: float, exits: int) -> tuple[list[bool], list[bool]]:
         """Which exits can fire at ``threshold`` (their best calibrated quality reaches
