@@ -55,6 +55,21 @@ def device_info() -> dict[str, Any]:
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 20,
                      warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved, order rotating."""
+    samples = interleaved_samples(fns, repeats, warmup)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def paired_speedup(samples: dict[str, list[float]], base: str, name: str) -> float:
+    """Median over rounds of ``base`` time / ``name`` time, each pair from the same round
+    of :func:`interleaved_samples`: steadier than the ratio of medians when the machine's
+    speed drifts between rounds."""
+    return statistics.median(b / x for b, x in zip(samples[base], samples[name]))
+
+
+def interleaved_samples(fns: dict[str, Callable[[], Any]], repeats: int = 20,
+                        warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds of each call of each function, per round: calls interleaved, order
+    rotating."""
     names = list(fns)
     with torch.no_grad():
         for _ in range(warmup):
@@ -67,4 +82,4 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 20,
                 t0 = time.perf_counter()
                 fns[n]()
                 samples[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return samples

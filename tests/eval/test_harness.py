@@ -7,7 +7,7 @@ import torch
 
 from dyncompile.eval import report
 from dyncompile.eval.sweep import run_sweep, save
-from dyncompile.eval.timing import time_interleaved
+from dyncompile.eval.timing import paired_speedup, time_interleaved
 from dyncompile.eval.workload import Workload
 from dyncompile.testing.zoo import PlainMLP
 
@@ -46,6 +46,17 @@ def test_time_interleaved_rotates_and_returns_medians():
                          repeats=4, warmup=1)
     assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
     assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def test_paired_speedup_pairs_calls_of_the_same_round():
+    # The machine halves its speed after two rounds: each round, b takes half a's time.
+    samples = {"a": [1.0, 1.0, 2.0, 2.0, 2.0], "b": [0.5, 0.5, 1.0, 1.0, 1.0]}
+    assert paired_speedup(samples, "a", "b") == 2.0
+    # Three of five rounds show b twice as fast: the pairs say 2.0, while the medians
+    # (1.0 and 1.0) mix slow rounds of a with fast rounds of b.
+    samples = {"a": [1.0, 1.0, 1.0, 2.0, 2.0], "b": [0.5, 1.0, 1.0, 1.0, 1.0]}
+    assert paired_speedup(samples, "a", "b") == 2.0
+    assert paired_speedup(samples, "b", "a") == 0.5
 
 
 def test_sweep_dense_reproduces_itself_and_reports(tmp_path):
