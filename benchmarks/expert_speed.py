@@ -7,6 +7,8 @@ backend (Inductor) with ``methods=["expert"]``, and timed interleaved with the
 dense module under the default ``torch.compile`` backend: median of repeats,
 2 threads, at 1x128 and 32x128 tokens, budgets 0.25 / 0.5 / 0.75. The
 runtime's spent FFN fraction (router included) is reported next to each time.
+"paired speedup" is the median over rounds of dense / expert within each round,
+steadier than the ratio of the medians when the machine's speed drifts.
 
     python benchmarks/expert_speed.py [--repeats 20] [--calibration packed]
         [--options '{"router_hidden": 64}'] [--shapes 1x128,32x128] [--json PATH]
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 from typing import Any
 
 import torch
@@ -24,7 +27,7 @@ from _results import finish, markdown_table, minilm_batches
 from torch import nn
 
 import dyncompile
-from dyncompile.eval.timing import device_info, time_interleaved
+from dyncompile.eval.timing import device_info, interleaved_samples, paired_speedup
 from dyncompile.runtime.module import call_batch
 from dyncompile.testing.zoo import load_minilm
 
@@ -72,7 +75,7 @@ def run(repeats: int, calibration: str = "sentences",
         opt = dyncompile.optimize(model, methods=["expert"], calibration=calib,
                                   form_options={"expert": dict(options or {})})
         for label, batch in inputs.items():
-            reps = repeats if label.startswith("1x") else max(3, repeats // 4)
+            reps = repeats if label.startswith("1x") else max(8, repeats // 2)
             fns = {"dense": lambda b=batch, d=dense: call_batch(d, b)}
             spent = {}
             for b in BUDGETS:
@@ -84,11 +87,13 @@ def run(repeats: int, calibration: str = "sentences",
                     spent[b] = opt.stats.ratio("expert_compute")
                 fns[f"b{b}"] = call
             with torch.no_grad():
-                t = time_interleaved(fns, repeats=reps, warmup=2)
+                samples = interleaved_samples(fns, repeats=reps, warmup=2)
+            t = {k: statistics.median(v) for k, v in samples.items()}
             for b in BUDGETS:
                 rows.append({"what": what, "shape": label, "budget": b,
                              "spent_ffn": spent[b], "dense_ms": 1e3 * t["dense"],
-                             "ms": 1e3 * t[f"b{b}"], "speedup": t["dense"] / t[f"b{b}"]})
+                             "ms": 1e3 * t[f"b{b}"], "speedup": t["dense"] / t[f"b{b}"],
+                             "paired": paired_speedup(samples, "dense", f"b{b}")})
                 print(rows[-1], flush=True)
     return {"meta": {**device_info(), "repeats": repeats, "calibration": calibration,
                      "options": options or {}},
@@ -97,10 +102,12 @@ def run(repeats: int, calibration: str = "sentences",
 
 def table(res: dict[str, Any]) -> str:
     return markdown_table(
-        ["what", "tokens", "budget", "FFN compute spent", "dense ms", "expert ms", "speedup"],
+        ["what", "tokens", "budget", "FFN compute spent", "dense ms", "expert ms", "speedup",
+         "paired speedup"],
         [[r["what"], r["shape"], r["budget"],
           f"{r['spent_ffn']:.3f}" if r["spent_ffn"] is not None else "-",
-          f"{r['dense_ms']:.2f}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}"] for r in res["rows"]])
+          f"{r['dense_ms']:.2f}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}",
+          f"{r['paired']:.3f}"] for r in res["rows"]])
 
 
 def main() -> None:
