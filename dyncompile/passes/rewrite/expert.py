@@ -34,6 +34,7 @@ from torch import fx
 from ...ops.expert_ffn import op as _ffn_op  # noqa: F401  (registers the op)
 from ...ops.expert_ffn.reference import ACTIVATIONS, apply_activation, expert_widths
 from ...ops.expert_route import op as _route_op  # noqa: F401  (registers the op)
+from ...ops.expert_route.cpu import route_mask
 from ...runtime import stats as _stats
 from ...runtime.expert_fit import (
     TAUS,
@@ -243,14 +244,20 @@ class ExpertRuntime:
                                "batches to optimize(..., calibration=...)")
         router = s.router if s.router.fc1.weight.device == x.device else s.router.to(x.device)
         s.router = router
-        with torch.no_grad():
-            scores = router(x.to(router.fc1.weight.dtype))
-        if self._recording is not None:
-            self._recording.setdefault(site, []).append(scores.detach().float().cpu().clone())
         n = x.shape[0]
         _stats.record_saving(-router.flops() * n)
         _stats.record_ratio("expert_compute", router.flops() * n, 0.0)
-        return select(scores, self.tau(site, budget))
+        tau = self.tau(site, budget)
+        with torch.no_grad():
+            x = x.to(router.fc1.weight.dtype)
+            if self._recording is None:
+                mask = route_mask(router.fc1, router.fc2, x, tau)  # CPU fp32 fast path
+                if mask is not None:
+                    return mask
+            scores = router(x)
+        if self._recording is not None:
+            self._recording.setdefault(site, []).append(scores.detach().float().cpu().clone())
+        return select(scores, tau)
 
     # -- persistence --------------------------------------------------------------------
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

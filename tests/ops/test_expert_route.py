@@ -1,0 +1,98 @@
+"""expert_route: the router's CPU fast path equals the torch selection; the op records,
+runs every expert at budget 1.0, routes below it; opcheck."""
+
+import pytest
+import torch
+
+from dyncompile.ops.expert_route import op as _op  # noqa: F401  (registers the op)
+from dyncompile.ops.expert_route.cpu import kernel_available, route_mask
+from dyncompile.passes.rewrite.expert import ExpertRuntime, ExpertSite
+from dyncompile.runtime.budget import BudgetState
+from dyncompile.runtime.expert_fit import Router, compute_curve, select
+
+op = torch.ops.dyncompile.expert_route
+
+needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no C++ compiler")
+
+
+def _router(d, experts, hidden, seed=0):
+    torch.manual_seed(seed)
+    r = Router(d, experts, hidden).eval().requires_grad_(False)
+    with torch.no_grad():
+        r.fc2.bias.uniform_(-0.2, 0.5)  # some scores clamp to 0 (a row may be all zero)
+    return r
+
+
+def _agree(fast, ref, scores, tau):
+    """Equal, except where a score is within float rounding of its row's threshold."""
+    thr = tau * scores.max(-1, keepdim=True).values
+    near = (scores - thr).abs() <= 1e-5 * (1 + thr.abs())
+    assert torch.equal(fast[~near], ref[~near])
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, d, experts, hidden", [(1, 5, 3, 7), (37, 19, 24, 33),
+                                                   (300, 64, 5, 128), (9, 8, 33, 4)])
+@pytest.mark.parametrize("tau", [0.0, 0.3, 0.77, 1.0])
+def test_fast_path_equals_torch_selection_on_odd_shapes(n, d, experts, hidden, tau):
+    r = _router(d, experts, hidden)
+    x = torch.randn(n, d) * 2
+    with torch.no_grad():
+        scores = r(x)
+        fast = route_mask(r.fc1, r.fc2, x, tau)
+    ref = select(scores, tau)
+    assert fast is not None and fast.dtype == torch.bool and fast.shape == (n, experts)
+    _agree(fast, ref, scores, tau)
+    if tau == 0.0:
+        assert fast.all()  # every score >= 0 = 0 * max
+    # The expert with the highest score always runs (where any score is positive).
+    top = scores.argmax(-1)
+    assert fast[torch.arange(n), top].all()
+
+
+def test_fast_path_declines_what_it_does_not_cover():
+    r = _router(6, 4, 5)
+    assert route_mask(r.fc1, r.fc2, torch.randn(3, 6, dtype=torch.float64), 0.5) is None
+    rb = _router(6, 4, 5).to(torch.bfloat16)
+    assert route_mask(rb.fc1, rb.fc2, torch.randn(3, 6).bfloat16(), 0.5) is None
+
+
+@pytest.fixture
+def state():
+    s = BudgetState(1.0)
+    rt = s.form("expert", ExpertRuntime)
+    site = ExpertSite("s", 4, 8, "gelu", False, {})
+    site.router = _router(6, 4, 5)
+    with torch.no_grad():
+        site.curve = compute_curve(site.router(torch.randn(64, 6)), site.widths,
+                                   site.router.flops(), 2.0 * (6 + 6))
+    rt.sites["s"] = site
+    return s
+
+
+def test_op_records_runs_every_expert_at_one_and_routes_below(state):
+    x = torch.randn(2, 5, 6)
+    state.calibrating = True
+    assert op(x, state.id, "s", 4).all()
+    state.calibrating = False
+    rt = state.forms["expert"]
+    assert len(rt.samples["s"]) == 1 and rt.samples["s"][0].shape == (10, 6)
+    assert op(x, state.id, "s", 4).all()  # budget 1.0: the dense FFN
+    state.value = 0.3
+    mask = op(x, state.id, "s", 4)
+    site = rt.sites["s"]
+    with torch.no_grad():
+        scores = site.router(x.reshape(-1, 6))
+    tau = rt.tau("s", 0.3)
+    assert 0.0 < tau <= 1.0 and not mask.all()
+    _agree(mask, select(scores, tau), scores, tau)
+    # While refining, the scores are recorded (the torch path) and the mask is the same.
+    rt._recording = {}
+    assert torch.equal(op(x, state.id, "s", 4), mask)
+    assert torch.equal(rt._recording["s"][0], scores)
+    rt._recording = None
+
+
+def test_opcheck(state):
+    state.value = 0.5
+    torch.library.opcheck(op, (torch.randn(3, 7, 6), state.id, "s", 4))
