@@ -330,3 +330,18 @@ def test_triton_kernel_on_gpu(dtype):
     m = _mask(70, experts=16).cuda()
     ref = expert_ffn_reference(*[t.float() if t is not None else None for t in args], m, "gelu")
     torch.testing.assert_close(op(*args, m, "gelu").float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("tokens, experts", [(0, 5), (1, 3), (9, 7), (130, 33)])
+def test_mask_stats_counts_pairs_and_spots_identical_rows(tokens, experts):
+    if not kernel_available():
+        pytest.skip("no C++ compiler")
+    mod = cpu._EXT.load()
+    m = _mask(tokens, experts)
+    assert mod.mask_stats(m) == (int(m.sum()), tokens == 0 or bool((m == m[:1]).all()))
+    same = torch.rand(1, experts) < 0.5
+    rows = same.expand(tokens, experts).contiguous()
+    assert mod.mask_stats(rows) == (int(rows.sum()), True)
+    if tokens > 1:
+        rows[-1, -1] = ~rows[-1, -1]
+        assert mod.mask_stats(rows)[1] is False

@@ -462,6 +462,21 @@ void run_block(const Ffn& f, int64_t t0, int64_t t1, int64_t e0, int64_t e1, flo
 
 }  // namespace
 
+// (selected pairs, whether every row of the [N, E] mask equals the first) in one
+// serial pass: cheaper than the torch reductions (each a parallel region) it replaces.
+std::tuple<int64_t, bool> mask_stats(torch::Tensor mask) {
+  mask = mask.to(at::kBool).contiguous();
+  const int64_t n = mask.size(0), e = mask.size(1);
+  const bool* mp = mask.data_ptr<bool>();
+  int64_t pairs = 0;
+  bool shared = true;
+  for (int64_t t = 0; t < n; ++t) {
+    const bool* row = mp + t * e;
+    for (int64_t j = 0; j < e; ++j) { pairs += row[j]; shared &= row[j] == mp[j]; }
+  }
+  return std::make_tuple(pairs, shared);
+}
+
 // fp32 grouped FFN. Many tokens: token tiles split across threads (each thread owns
 // its output rows); few tokens: experts split across threads by work, each thread
 // accumulating into its own partial output, summed at the end. Returns (y, pairs, units).
@@ -552,8 +567,9 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
 }
 """
 
-_EXT = InlineExtension("dyncompile_expert_ffn_v8", _SOURCE,
-                       ["expert_ffn_fwd", "expert_ffn_grouped", "expert_ffn_blocks", "use_blas"],
+_EXT = InlineExtension("dyncompile_expert_ffn_v9", _SOURCE,
+                       ["expert_ffn_fwd", "expert_ffn_grouped", "expert_ffn_blocks", "mask_stats",
+                        "use_blas"],
                        ("-O3", "-march=native", "-fopenmp"))
 
 
@@ -729,8 +745,12 @@ def expert_ffn_cpu(x2: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | No
     if path is None and 0 < n <= FUSED_MAX_WORK and fused_ok and mod is not None:
         path = "fused"  # at most n * E <= FUSED_MAX_WORK * E pairs: skip counting them
     if path is None:
-        pairs = int(mask.sum())
-        shared = n == 1 or pairs in (0, n * n_exp) or bool((mask == mask[:1]).all())
+        if mod is not None:
+            pairs, same_rows = mod.mask_stats(mask)
+        else:
+            pairs = int(mask.sum())
+            same_rows = n == 0 or bool((mask == mask[:1]).all())
+        shared = n == 1 or pairs in (0, n * n_exp) or same_rows
         path = choose_path(n, n_exp, hidden, pairs, shared, fused_ok and mod is not None)
     if path == "fused" and not (fused_ok and mod is not None and n > 0):
         path = "grouped"
