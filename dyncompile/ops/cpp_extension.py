@@ -15,6 +15,22 @@ from types import ModuleType
 
 log = logging.getLogger("dyncompile")
 
+# C++ helpers shared by the ops' kernels: spliced into a kernel's source after its
+# includes (``<torch/extension.h>`` brings the integer types).
+DOT4 = r"""
+// s[q] = w[q] . x for four weight rows (x loaded once, four independent sums).
+static inline void dot4(const float* const* w, const float* x, int64_t n, float* s) {
+  const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+  #pragma omp simd reduction(+:s0, s1, s2, s3)
+  for (int64_t i = 0; i < n; ++i) {
+    const float xi = x[i];
+    s0 += w0[i] * xi; s1 += w1[i] * xi; s2 += w2[i] * xi; s3 += w3[i] * xi;
+  }
+  s[0] = s0; s[1] = s1; s[2] = s2; s[3] = s3;
+}
+"""
+
 
 class InlineExtension:
     """A lazily built C++ extension: ``load()`` gives the module or None."""

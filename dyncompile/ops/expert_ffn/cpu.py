@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..cpp_extension import InlineExtension
+from ..cpp_extension import DOT4, InlineExtension
 from .reference import ACTIVATIONS, expert_bounds, hidden_mask
 
 _SOURCE = r"""
@@ -59,18 +59,7 @@ static inline float act(float v, int64_t kind) {
   }
 }
 
-// s[q] = w[q] . x for four weight rows (x loaded once, four independent sums).
-static inline void dot4(const float* const* w, const float* x, int64_t n, float* s) {
-  const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-  #pragma omp simd reduction(+:s0, s1, s2, s3)
-  for (int64_t i = 0; i < n; ++i) {
-    const float xi = x[i];
-    s0 += w0[i] * xi; s1 += w1[i] * xi; s2 += w2[i] * xi; s3 += w3[i] * xi;
-  }
-  s[0] = s0; s[1] = s1; s[2] = s2; s[3] = s3;
-}
-
+""" + DOT4 + r"""
 // y[n, out] = b_down + sum over selected (token, expert) of h(token, slice) @ w_down_t[slice].
 // Each hidden unit's up row and down row are read once for all the tokens that
 // selected its expert (fused: no hidden buffer). Returns (y, pairs, units).
@@ -567,7 +556,7 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
 }
 """
 
-_EXT = InlineExtension("dyncompile_expert_ffn_v9", _SOURCE,
+_EXT = InlineExtension("dyncompile_expert_ffn_v10", _SOURCE,
                        ["expert_ffn_fwd", "expert_ffn_grouped", "expert_ffn_blocks", "mask_stats",
                         "use_blas"],
                        ("-O3", "-march=native", "-fopenmp"))
@@ -749,7 +738,7 @@ def expert_ffn_cpu(x2: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | No
             pairs, same_rows = mod.mask_stats(mask)
         else:
             pairs = int(mask.sum())
-            same_rows = n == 0 or bool((mask == mask[:1]).all())
+            same_rows = bool((mask == mask[:1]).all())
         shared = n == 1 or pairs in (0, n * n_exp) or same_rows
         path = choose_path(n, n_exp, hidden, pairs, shared, fused_ok and mod is not None)
     if path == "fused" and not (fused_ok and mod is not None and n > 0):

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from ..cpp_extension import InlineExtension
+from ..cpp_extension import DOT4, InlineExtension
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <vector>
-
+""" + DOT4 + r"""
 // h [N, K] fp32 (ReLU applied), w2 [E, K], b2 [E]: mask[t, e] = s[t, e] >= tau * max_e s[t, e]
 // with s = relu(h @ w2^T + b2). Each score is a dot product over K (vectorised, no branch).
 torch::Tensor route_select(torch::Tensor h, torch::Tensor w2, torch::Tensor b2, double tau) {
@@ -38,40 +38,30 @@ torch::Tensor route_select(torch::Tensor h, torch::Tensor w2, torch::Tensor b2, 
     std::vector<float> s(e);
     for (int64_t r = t0; r < t1; ++r) {
       const float* hr = hp + r * k;
-      int64_t c = 0;
-      for (; c + 4 <= e; c += 4) {  // four scores at a time: the row read once
-        const float *w0 = wp + c * k, *w1 = w0 + k, *w2r = w1 + k, *w3 = w2r + k;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-        #pragma omp simd reduction(+:s0, s1, s2, s3)
-        for (int64_t j = 0; j < k; ++j) {
-          const float v = hr[j];
-          s0 += v * w0[j]; s1 += v * w1[j]; s2 += v * w2r[j]; s3 += v * w3[j];
-        }
-        s[c] = s0; s[c + 1] = s1; s[c + 2] = s2; s[c + 3] = s3;
-      }
-      for (; c < e; ++c) {
-        const float* w0 = wp + c * k;
-        float s0 = 0.0f;
-        #pragma omp simd reduction(+:s0)
-        for (int64_t j = 0; j < k; ++j) s0 += hr[j] * w0[j];
-        s[c] = s0;
+      // Four scores at a time, the row read once (the last block repeats its last row).
+      for (int64_t c = 0; c < e; c += 4) {
+        const float* w[4];
+        float v[4];
+        for (int64_t q = 0; q < 4; ++q) w[q] = wp + std::min(c + q, e - 1) * k;
+        dot4(w, hr, k, v);
+        for (int64_t q = 0; q < 4 && c + q < e; ++q) s[c + q] = v[q];
       }
       float top = 0.0f;
-      for (c = 0; c < e; ++c) {
+      for (int64_t c = 0; c < e; ++c) {
         const float v = s[c] + bp[c];
         s[c] = v > 0.0f ? v : 0.0f;
         top = std::max(top, s[c]);
       }
       const float thr = t * top;
       bool* mr = mp + r * e;
-      for (c = 0; c < e; ++c) mr[c] = s[c] >= thr;
+      for (int64_t c = 0; c < e; ++c) mr[c] = s[c] >= thr;
     }
   });
   return mask;
 }
 """
 
-_EXT = InlineExtension("dyncompile_expert_route_v2", _SOURCE, ["route_select"],
+_EXT = InlineExtension("dyncompile_expert_route_v3", _SOURCE, ["route_select"],
                        ("-O3", "-march=native", "-fopenmp"))
 
 
