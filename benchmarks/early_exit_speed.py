@@ -14,7 +14,8 @@ unfused"), the layers run piece by piece with no check ("pieces, no check"),
 and budgets 0.8 / 0.6 / 0.4, with the spent FLOP fraction and mean depth the
 runtime reports. Also counts the graphs dynamo compiled for the pieces.
 
-    python benchmarks/early_exit_speed.py [--repeats 20] [--json PATH]
+    python benchmarks/early_exit_speed.py [--repeats 20] [--shapes 1x128,32x128]
+        [--models minilm,classifier] [--json PATH]
 """
 
 from __future__ import annotations
@@ -71,12 +72,19 @@ class _NoneLeave:
 VARIANTS = {NONE_LEAVE: {}, UNFUSED: {"fused": False}, PIECES: {"checks": False}}
 
 
-def run(repeats: int) -> dict[str, Any]:
-    cal, timing = minilm_batches(SHAPES)
+MODELS = ("minilm", "classifier")
+
+
+def _model(what: str) -> torch.nn.Module:
+    return load_minilm().eval() if what == "minilm" else ClassifierWorkload().model
+
+
+def run(repeats: int, shapes: tuple = SHAPES, models: tuple = MODELS) -> dict[str, Any]:
+    cal, timing = minilm_batches(shapes)
     rows: list[dict[str, Any]] = []
     graphs: dict[str, int] = {}
-    classifier = ClassifierWorkload().model
-    for what, model in (("minilm", load_minilm().eval()), ("classifier", classifier)):
+    for what in models:
+        model = _model(what)
         dense = torch.compile(model)
         before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         opt = dyncompile.optimize(model, methods=["early_exit"], calibration=cal)
@@ -127,9 +135,16 @@ def table(res: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--shapes", default="1x128,32x128")
+    ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--json", default="benchmarks/results/early_exit_speed.json")
     args = ap.parse_args()
-    res = run(args.repeats)
+    shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+    models = tuple(args.models.split(","))
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        ap.error(f"unknown model(s) {sorted(unknown)}; choose from {list(MODELS)}")
+    res = run(args.repeats, shapes, models)
     finish(res, args.json, table(res),
            f"graphs compiled (dynamo graphs, dense and dyn; Inductor pieces of the cut "
            f"graphs): {res['graphs_compiled']}")

@@ -146,6 +146,8 @@ class ExitGraph:
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
+        from .direct_call import DirectCall
+
         # No FX graph cache: a cached piece's shape guards name the sources of the dynamo
         # frame that first compiled it, which a later frame's lookup cannot evaluate.
         with inductor_config.patch(fx_graph_cache=False):
@@ -153,10 +155,11 @@ class ExitGraph:
                       *[p for p in (self.pool, self.post) if p is not None]]
             for p in [*pieces, *([self.whole] if self.whole is not None else [])]:
                 if p.nodes:
-                    p.fn = compile_fx(p.module, [_example(n) for n in p.inputs])
+                    p.fn = DirectCall(compile_fx(p.module, [_example(n) for n in p.inputs]),
+                                      p.module)
                     self.graphs += 1
             for c in self.checks or []:
-                c.fn = compile_fx(c.module, self._check_example(c))
+                c.fn = DirectCall(compile_fx(c.module, self._check_example(c)), c.module)
                 self.graphs += 1
         self.compiled = True
 

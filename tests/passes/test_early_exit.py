@@ -219,6 +219,11 @@ def test_no_recompile_across_budgets_under_inductor():
     # segment fused with the exit check after it (MiniLM-like: the token mean).
     assert graphs and all(g.compiled and g.checks_mode == "mean" and
                           g.graphs == len(g.segments) + 2 + g.exits for g in graphs)
+    # Pieces that ran without grad checked out against their wrappers and now call the
+    # generated code directly.
+    ran = [p.fn for g in graphs for p in [*g.segments, g.whole, *g.checks]
+           if getattr(p.fn, "checked", None) is not None]
+    assert ran and all(fn.direct for fn in ran)
     compare_outputs(outs[1.0], call_batch(model, x), atol=1e-4)
 
 
