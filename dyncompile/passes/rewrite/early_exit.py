@@ -41,6 +41,7 @@ from ...runtime.exit_program import (
     ExitGraph,
     ExitRunner,
 )
+from ..attention_masks import hoist_mask_conversions
 from ..base import Pass, PassContext, positive_int
 from ..blocks import ResidualBlock
 from ..exit_checks import build_check
@@ -577,6 +578,8 @@ class EarlyExitForm(Pass):
         stream, why = exit_points(blocks.residual, attention, g)
         if not stream:
             return why
+        # Pieces would each convert a boolean attention mask again: convert it once.
+        hoist_mask_conversions(gm)
         good = _clean_cuts(gm, stream)
         stream = [stream[0], *[stream[k] for k in good], stream[-1]]
         if len(stream) < 3:
