@@ -38,7 +38,16 @@ from ..cpp_extension import DOT4, InlineExtension
 from .reference import ACTIVATIONS, expert_bounds, hidden_mask
 
 _SOURCE = r"""
+// ATen's vectorised math at the widest width this compiler targets (as Inductor's
+// kernels do), defined before any ATen header so Vectorized<float> picks it up.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__) && !defined(CPU_CAPABILITY_AVX512)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY_AVX2)
+#define CPU_CAPABILITY_AVX2
+#endif
 #include <torch/extension.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstring>
@@ -306,6 +315,25 @@ static inline void add_bias_rows(float* h, const float* b, int64_t rows, int64_t
   }
 }
 
+// h[i, j] = gelu(h[i, j] + b[j]) (exact GELU; b may be null) for ``rows`` rows of width
+// w, in one vectorised pass right after the GEMM wrote them: the formula of torch's
+// vectorised GELU kernel, with ATen's Vectorized erf.
+static void bias_gelu_rows(float* h, const float* b, int64_t rows, int64_t w) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec half(0.5f), one(1.0f), alpha(static_cast<float>(M_SQRT1_2));
+  const int64_t n = Vec::size();
+  for (int64_t i = 0; i < rows; ++i) {
+    float* r = h + i * w;
+    for (int64_t j = 0; j < w; j += n) {
+      const int64_t c = std::min<int64_t>(n, w - j);
+      Vec x = Vec::loadu(r + j, c);
+      if (b) x = x + Vec::loadu(b + j, c);
+      const Vec y = x * half * (one + (x * alpha).erf());
+      y.store(r + j, c);
+    }
+  }
+}
+
 // In place on a contiguous fp32 buffer: torch's own (vectorised) kernels, so the
 // values are those of reference.apply_activation.
 static void act_buf(float* p, int64_t len, int64_t kind) {
@@ -389,6 +417,8 @@ void run_block(const Ffn& f, int64_t t0, int64_t t1, int64_t e0, int64_t e1, flo
     s.groups.push_back({lo, w, s.off[j], c});
   }
   const int64_t d = f.d, out = f.out;
+  // Exact GELU: bias and activation in one pass per group, while its rows are hot.
+  const bool fused_act = !f.glu && f.kind == 1;
   int64_t max_c = 0;
   for (const Group& gr : s.groups) max_c = std::max(max_c, gr.count);
   s.xs.resize(static_cast<size_t>(max_c * d));
@@ -413,7 +443,8 @@ void run_block(const Ffn& f, int64_t t0, int64_t t1, int64_t e0, int64_t e1, flo
         std::memcpy(xs + i * d, f.x + tk[i] * d, sizeof(float) * d);
       float* h = s.h.data() + ho;
       gemm_rm(true, gr.count, gr.w, d, xs, d, f.up + gr.lo * d, d, 0.0f, h, gr.w);
-      if (f.bup) add_bias_rows(h, f.bup + gr.lo, gr.count, gr.w);
+      if (fused_act) bias_gelu_rows(h, f.bup ? f.bup + gr.lo : nullptr, gr.count, gr.w);
+      else if (f.bup) add_bias_rows(h, f.bup + gr.lo, gr.count, gr.w);
       if (f.glu) {
         float* gg = s.g.data() + ho;
         gemm_rm(true, gr.count, gr.w, d, xs, d, f.gate + gr.lo * d, d, 0.0f, gg, gr.w);
@@ -428,7 +459,7 @@ void run_block(const Ffn& f, int64_t t0, int64_t t1, int64_t e0, int64_t e1, flo
       #pragma omp simd
       for (int64_t i = 0; i < hsize; ++i) h[i] *= gg[i];
     } else {
-      act_buf(s.h.data(), hsize, f.kind);
+      if (!fused_act) act_buf(s.h.data(), hsize, f.kind);
     }
     ho = 0;
     for (size_t gi = g0; gi < g1; ++gi) {
@@ -556,7 +587,7 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
 }
 """
 
-_EXT = InlineExtension("dyncompile_expert_ffn_v10", _SOURCE,
+_EXT = InlineExtension("dyncompile_expert_ffn_v11", _SOURCE,
                        ["expert_ffn_fwd", "expert_ffn_grouped", "expert_ffn_blocks", "mask_stats",
                         "use_blas"],
                        ("-O3", "-march=native", "-fopenmp"))
