@@ -14,7 +14,9 @@ picks. Paths (``choose_path`` picks one per call from the actual mask):
   FFN: a counting sort of the (token, expert) pairs by expert, then per expert
   (adjacent experts with the same tokens merged into one wider slice) a gather
   of its token rows, the up (and gate) sgemm on the weight slice, the activation
-  (torch's vectorised kernels, once per chunk of experts) and the down sgemm,
+  (exact GELU with no gate: fused with the up bias in one pass per expert right
+  after its sgemm, ATen's vectorised erf; otherwise torch's vectorised kernels,
+  once per chunk of experts) and the down sgemm,
   added row by row into the output. Threads split token tiles when there are
   enough tokens (each owns its output rows), else experts (each adds into its
   own partial output, summed at the end): no index_add, no race, BLAS single
