@@ -24,11 +24,6 @@ def _mask_arg(node: fx.Node) -> tuple[str | int, object]:
     return 3, node.args[3] if len(node.args) > 3 else None
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.masked_fill(torch.zeros_like(mask, dtype=dtype), torch.logical_not(mask),
-                             float("-inf"))
-
-
 def hoist_mask_conversions(gm: fx.GraphModule) -> int:
     """Give every attention call with a boolean mask the mask's additive form, made once
     per (mask, dtype) right after the mask; returns how many calls were rewired."""
@@ -49,8 +44,10 @@ def hoist_mask_conversions(gm: fx.GraphModule) -> int:
             fake = getattr(m, "fake_mode", None)
             if fake is None:
                 continue
-            with fake:
-                val = _additive(m, q.dtype)
+            with fake:  # the three nodes' values, on the graph's fake tensors
+                zeros_v = torch.zeros_like(m, dtype=q.dtype)
+                keep_v = torch.logical_not(m)
+                add_v = torch.masked_fill(zeros_v, keep_v, float("-inf"))
             anchor = mask
             if mask.op == "placeholder":  # after every placeholder
                 anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -60,10 +57,9 @@ def hoist_mask_conversions(gm: fx.GraphModule) -> int:
                 keep = graph.call_function(torch.logical_not, (mask,))
             with graph.inserting_after(keep):
                 add = graph.call_function(torch.masked_fill, (zeros, keep, float("-inf")))
-            with fake:
-                zeros.meta["example_value"] = torch.zeros_like(m, dtype=q.dtype)
-                keep.meta["example_value"] = torch.logical_not(m)
-            add.meta["example_value"] = val
+            zeros.meta["example_value"] = zeros_v
+            keep.meta["example_value"] = keep_v
+            add.meta["example_value"] = add_v
             made[key] = add
         if isinstance(where, str):
             node.update_kwarg(where, made[key])
