@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dyncompile.ops.expert_route import op as _op  # noqa: F401  (registers the op)
-from dyncompile.ops.expert_route.cpu import kernel_available, route_mask
+from dyncompile.ops.expert_route.cpu import kernel_available, route_mask, router_scores
 from dyncompile.passes.rewrite.expert import ExpertRuntime, ExpertSite
 from dyncompile.runtime.budget import BudgetState
 from dyncompile.runtime.expert_fit import Router, compute_curve, select
@@ -34,12 +34,13 @@ def _agree(fast, ref, scores, tau):
 @pytest.mark.parametrize("n, d, experts, hidden", [(1, 5, 3, 7), (37, 19, 24, 33),
                                                    (300, 64, 5, 128), (9, 8, 33, 4)])
 @pytest.mark.parametrize("tau", [0.0, 0.3, 0.77, 1.0])
-def test_fast_path_equals_torch_selection_on_odd_shapes(n, d, experts, hidden, tau):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fast_path_equals_torch_selection_on_odd_shapes(n, d, experts, hidden, tau, bf16):
     r = _router(d, experts, hidden)
     x = torch.randn(n, d) * 2
     with torch.no_grad():
-        scores = r(x)
-        fast = route_mask(r.fc1, r.fc2, x, tau)
+        scores = router_scores(r.fc1, r.fc2, x, bf16)
+        fast = route_mask(r.fc1, r.fc2, x, tau, bf16)
     ref = select(scores, tau)
     assert fast is not None and fast.dtype == torch.bool and fast.shape == (n, experts)
     _agree(fast, ref, scores, tau)
@@ -48,6 +49,21 @@ def test_fast_path_equals_torch_selection_on_odd_shapes(n, d, experts, hidden, t
     # The expert with the highest score always runs (where any score is positive).
     top = scores.argmax(-1)
     assert fast[torch.arange(n), top].all()
+
+
+def test_bf16_scores_stay_close_to_fp32():
+    r = _router(384, 24, 128)
+    x = torch.randn(500, 384)
+    with torch.no_grad():
+        ref, low = r(x), router_scores(r.fc1, r.fc2, x, True)
+    assert torch.equal(router_scores(r.fc1, r.fc2, x, False), ref)
+    assert not torch.equal(low, ref)  # the bf16 path really ran
+    assert (low - ref).abs().max() <= 2e-2 * ref.abs().max()
+    # The prepared bf16 weight follows an in-place change of the router.
+    with torch.no_grad():
+        r.fc1.weight.mul_(2.0)
+        again = router_scores(r.fc1, r.fc2, x, True)
+    assert not torch.equal(again, low)
 
 
 def test_fast_path_declines_what_it_does_not_cover():
@@ -81,8 +97,9 @@ def test_op_records_runs_every_expert_at_one_and_routes_below(state):
     state.value = 0.3
     mask = op(x, state.id, "s", 4)
     site = rt.sites["s"]
+    x2 = x.reshape(-1, 6)
     with torch.no_grad():
-        scores = site.router(x.reshape(-1, 6))
+        scores = router_scores(site.router.fc1, site.router.fc2, x2, rt._bf16_router(x2))
     tau = rt.tau("s", 0.3)
     assert 0.0 < tau <= 1.0 and not mask.all()
     _agree(mask, select(scores, tau), scores, tau)
@@ -91,6 +108,21 @@ def test_op_records_runs_every_expert_at_one_and_routes_below(state):
     assert torch.equal(op(x, state.id, "s", 4), mask)
     assert torch.equal(rt._recording["s"][0], scores)
     rt._recording = None
+
+
+@pytest.mark.parametrize("precision, bf16", [("fp32", False), ("bf16", True)])
+def test_router_precision_option(state, precision, bf16):
+    rt = state.forms["expert"]
+    rt.options["router_precision"] = precision
+    x = torch.randn(40, 6)
+    assert rt._bf16_router(x) is bf16
+    assert not rt._bf16_router(x.double())
+    state.value = 0.4
+    site = rt.sites["s"]
+    with torch.no_grad():
+        scores = router_scores(site.router.fc1, site.router.fc2, x, bf16)
+    tau = rt.tau("s", 0.4)
+    _agree(op(x, state.id, "s", 4), select(scores, tau), scores, tau)
 
 
 def test_opcheck(state):

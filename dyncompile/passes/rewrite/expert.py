@@ -34,7 +34,7 @@ from torch import fx
 from ...ops.expert_ffn import op as _ffn_op  # noqa: F401  (registers the op)
 from ...ops.expert_ffn.reference import ACTIVATIONS, apply_activation, expert_widths
 from ...ops.expert_route import op as _route_op  # noqa: F401  (registers the op)
-from ...ops.expert_route.cpu import route_mask
+from ...ops.expert_route.cpu import native_bf16, route_mask, router_scores
 from ...runtime import stats as _stats
 from ...runtime.expert_fit import (
     TAUS,
@@ -61,6 +61,9 @@ OPTIONS: dict[str, Any] = {
     "router_steps": positive_int,   # router training steps (default 400)
     "max_tokens": positive_int,     # calibration tokens kept per FFN (default 8192)
     "layout": ("input_major", "as_is"),
+    # The router's first matmul: "bf16" operands (fp32 accumulation, bias and the rest
+    # fp32), "fp32", or "auto": bf16 on a CPU with native bf16 dot products.
+    "router_precision": ("auto", "bf16", "fp32"),
 }
 _POINTWISE = {"activation", "arith", "cast", "dropout", "view"}
 REFINE_BUDGETS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
@@ -169,8 +172,8 @@ class ExpertRuntime:
         width = int(self.options.get("router_hidden") or min(128, max(8, x.shape[1] // 2)))
         router, _ = train_router(x[train], target[train], width,
                                  int(self.options.get("router_steps") or 400))
-        with torch.no_grad():
-            scores = router(x[hold])
+        with torch.no_grad():  # the scores as the CPU runtime computes them
+            scores = router_scores(router.fc1, router.fc2, x[hold], self._bf16_router(x))
             t = target[hold]
             err = float((scores - t).square().mean() / t.square().mean().clamp_min(1e-12))
         site.router, site.router_error, site.perm = router, err, perm
@@ -237,6 +240,14 @@ class ExpertRuntime:
             value = per[site] = min(max(value, 0.0), 1.0)
         return value
 
+    def _bf16_router(self, x: torch.Tensor) -> bool:
+        """Whether the router's first matmul takes bf16 operands for these inputs (fp32
+        inputs on CPU only; the ``router_precision`` option)."""
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        want = self.options.get("router_precision") or "auto"
+        return want == "bf16" or (want == "auto" and native_bf16())
+
     def route(self, site: str, x: torch.Tensor, budget: float) -> torch.Tensor:
         s = self.sites[site]
         if s.router is None:
@@ -250,11 +261,12 @@ class ExpertRuntime:
         tau = self.tau(site, budget)
         with torch.no_grad():
             x = x.to(router.fc1.weight.dtype)
+            bf16 = self._bf16_router(x)
             if self._recording is None:
-                mask = route_mask(router.fc1, router.fc2, x, tau)  # CPU fp32 fast path
+                mask = route_mask(router.fc1, router.fc2, x, tau, bf16)  # CPU fp32 fast path
                 if mask is not None:
                     return mask
-            scores = router(x)
+            scores = router_scores(router.fc1, router.fc2, x, bf16)
         if self._recording is not None:
             self._recording.setdefault(site, []).append(scores.detach().float().cpu().clone())
         return select(scores, tau)
