@@ -508,7 +508,8 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
     int64_t kind, int64_t tile) {
   x = x.detach().contiguous(); w_up = w_up.detach().contiguous();
   w_down_t = w_down_t.detach().contiguous();
-  b_up = b_up.detach().contiguous(); b_down = b_down.detach().contiguous();
+  b_up = b_up.detach().contiguous();
+  b_down = b_down.detach().to(at::kFloat).contiguous();
   const bool glu = w_gate.numel() > 0;
   if (glu) { w_gate = w_gate.detach().contiguous(); b_gate = b_gate.detach().contiguous(); }
   mask = mask.to(at::kBool).contiguous();
@@ -536,21 +537,29 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
     units += cnt[e] * (f.lo(e + 1) - f.lo(e));
     work[e + 1] = units;
   }
-  auto y = b_down.numel() ? b_down.to(at::kFloat).reshape({1, out}).repeat({n, 1})
-                          : torch::zeros({n, out}, x.options());
-  if (!units || !out) return std::make_tuple(y, pairs, units);
-  float* yp = y.data_ptr<float>();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   tile = std::max<int64_t>(1, tile);
   const int64_t tiles = n / tile;
-  if (tiles >= threads || threads == 1) {
+  const bool by_tokens = tiles >= threads || threads == 1;
+  const float* bd = b_down.numel() ? b_down.data_ptr<float>() : nullptr;
+  // Token tiles: each thread starts its own rows from the bias (no pass over y first).
+  auto y = by_tokens && units && out ? torch::empty({n, out}, x.options())
+         : bd ? b_down.reshape({1, out}).repeat({n, 1}) : torch::zeros({n, out}, x.options());
+  if (!units || !out) return std::make_tuple(y, pairs, units);
+  float* yp = y.data_ptr<float>();
+  if (by_tokens) {
     const int64_t nt = std::max<int64_t>(1, tiles);
     at::parallel_for(0, nt, 1, [&](int64_t i0, int64_t i1) {
       OneBlasThread one;
       Scratch s;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t t0 = n * i / nt, t1 = n * (i + 1) / nt;
-        run_block(f, t0, t1, 0, n_exp, yp + t0 * out, s);
+        float* rows = yp + t0 * out;
+        for (int64_t r = 0; r < t1 - t0; ++r) {
+          if (bd) std::copy(bd, bd + out, rows + r * out);
+          else std::fill(rows + r * out, rows + (r + 1) * out, 0.0f);
+        }
+        run_block(f, t0, t1, 0, n_exp, rows, s);
       }
     });
     return std::make_tuple(y, pairs, units);
@@ -589,7 +598,7 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
 }
 """
 
-_EXT = InlineExtension("dyncompile_expert_ffn_v11", _SOURCE,
+_EXT = InlineExtension("dyncompile_expert_ffn_v13", _SOURCE,
                        ["expert_ffn_fwd", "expert_ffn_grouped", "expert_ffn_blocks", "mask_stats",
                         "use_blas"],
                        ("-O3", "-march=native", "-fopenmp"))
