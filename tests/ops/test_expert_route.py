@@ -66,6 +66,17 @@ def test_bf16_scores_stay_close_to_fp32():
     assert not torch.equal(again, low)
 
 
+def test_bf16_scores_without_biases():
+    r = _router(12, 5, 7)
+    r.fc1.bias = None
+    r.fc2.bias = None
+    x = torch.randn(9, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(router_scores(r.fc1, r.fc2, x, True), r(x),
+                                   atol=2e-2 * float(r(x).abs().max()), rtol=0.0)
+    assert route_mask(r.fc1, r.fc2, x, 0.5, True) is None  # the fast path needs biases
+
+
 def test_fast_path_declines_what_it_does_not_cover():
     r = _router(6, 4, 5)
     assert route_mask(r.fc1, r.fc2, torch.randn(3, 6, dtype=torch.float64), 0.5) is None

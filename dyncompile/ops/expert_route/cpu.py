@@ -168,7 +168,7 @@ _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _prepared(fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> tuple[torch.Tensor, ...]:
     params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-    versions = tuple(int(p._version) for p in params)
+    versions = tuple(-1 if p is None else int(p._version) for p in params)
     got = _PREPARED.get(fc2)
     if got is None or got[1] != versions or any(a is not b for a, b in zip(got[0], params)):
         e, k = fc2.weight.shape
@@ -176,7 +176,8 @@ def _prepared(fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> tuple[torch.Tensor,
         w2t = torch.zeros(k, ep)
         w2t[:, :e] = fc2.weight.detach().t()
         b2 = torch.zeros(ep)
-        b2[:e] = fc2.bias.detach()
+        if fc2.bias is not None:
+            b2[:e] = fc2.bias.detach()
         got = (params, versions, fc1.weight.detach().to(torch.bfloat16).contiguous(), w2t, b2)
         _PREPARED[fc2] = got
     return got[2:]
@@ -189,7 +190,9 @@ def router_scores(fc1: torch.nn.Linear, fc2: torch.nn.Linear, x: torch.Tensor,
     if not bf16:
         return torch.relu(fc2(torch.relu(fc1(x))))
     w1 = _prepared(fc1, fc2)[0]
-    h = torch.mm(x.to(torch.bfloat16), w1.t()).float() + fc1.bias
+    h = torch.mm(x.to(torch.bfloat16), w1.t()).float()
+    if fc1.bias is not None:
+        h = h + fc1.bias
     return torch.relu(fc2(torch.relu(h)))
 
 
