@@ -157,6 +157,32 @@ def test_block_kernel_threads_and_fallback(threads, blas, monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("d_out", [64, 192])
+@pytest.mark.parametrize("tile", [5, 10 ** 6])  # split by token tiles or by experts
+@pytest.mark.parametrize("glu", [False, True])
+def test_block_kernel_adds_the_down_projection_into_the_output_rows(d_out, tile, glu,
+                                                                    monkeypatch):
+    """An output width that is a multiple of 64 takes the register-tiled down projection
+    (six rows at a time, then the rest one by one): equal to the reference and to the
+    sgemm path on token counts that leave every remainder of six."""
+    if not kernel_available():
+        pytest.skip("no C++ compiler")
+    mod = cpu._EXT.load()
+    monkeypatch.setattr(cpu, "GROUPED_TILE", tile)
+    for tokens in (1, 6, 7, 11, 40, 65):
+        args = _case(tokens, glu=glu, seed=tokens, hidden=70, d_out=d_out)
+        m = _block_mask(tokens, 6, seed=tokens)
+        ref = expert_ffn_reference(*args, m, "gelu")
+        y = expert_ffn_cpu(*args, m, "gelu", "grouped")[0]
+        _close(y, ref)
+        mod.use_blas(False)  # the at::mm path: a product buffer and a second pass
+        try:
+            y_mm = expert_ffn_cpu(*args, m, "gelu", "grouped")[0]
+        finally:
+            mod.use_blas(True)
+        _close(y, y_mm)
+
+
 def test_block_kernel_odd_layouts():
     if not kernel_available():
         pytest.skip("no C++ compiler")

@@ -57,6 +57,9 @@ _SOURCE = r"""
 #include <cmath>
 #include <tuple>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // Activation codes follow reference.ACTIVATIONS.
 static inline float act(float v, int64_t kind) {
@@ -357,6 +360,71 @@ static void act_buf(float* p, int64_t len, int64_t kind) {
   }
 }
 
+// acc[tok[i] - t0, :n] += h[i, :k] @ w[:k, :n] for i < m, straight into the output rows
+// (no buffer for the product, no second pass to add it): register tiles of six rows by
+// 64 columns, each weight row chunk loaded once for the six. Needs AVX-512 and n a
+// multiple of 64 (``down_into_rows_ok``); measured 19% faster than sgemm into a buffer
+// plus the adds, at 60-400 rows x 64 x 384 on one thread.
+static bool down_into_rows_ok(int64_t n) {
+#if defined(__AVX512F__)
+  return n % 64 == 0;
+#else
+  (void)n;
+  return false;
+#endif
+}
+
+static void down_into_rows(const float* h, int64_t m, int64_t k, const float* w, int64_t n,
+                           const int64_t* tok, int64_t t0, float* acc) {
+#if defined(__AVX512F__)
+  int64_t i = 0;
+  for (; i + 6 <= m; i += 6) {
+    for (int64_t c = 0; c < n; c += 64) {
+      __m512 a[6][4];
+      for (int r = 0; r < 6; ++r)
+        for (int j = 0; j < 4; ++j) a[r][j] = _mm512_setzero_ps();
+      for (int64_t q = 0; q < k; ++q) {
+        const float* wr = w + q * n + c;
+        const __m512 w0 = _mm512_loadu_ps(wr), w1 = _mm512_loadu_ps(wr + 16);
+        const __m512 w2 = _mm512_loadu_ps(wr + 32), w3 = _mm512_loadu_ps(wr + 48);
+        for (int r = 0; r < 6; ++r) {
+          const __m512 b = _mm512_set1_ps(h[(i + r) * k + q]);
+          a[r][0] = _mm512_fmadd_ps(b, w0, a[r][0]);
+          a[r][1] = _mm512_fmadd_ps(b, w1, a[r][1]);
+          a[r][2] = _mm512_fmadd_ps(b, w2, a[r][2]);
+          a[r][3] = _mm512_fmadd_ps(b, w3, a[r][3]);
+        }
+      }
+      for (int r = 0; r < 6; ++r) {
+        float* o = acc + (tok[i + r] - t0) * n + c;
+        for (int j = 0; j < 4; ++j)
+          _mm512_storeu_ps(o + 16 * j, _mm512_add_ps(_mm512_loadu_ps(o + 16 * j), a[r][j]));
+      }
+    }
+  }
+  for (; i < m; ++i) {  // the last rows, one at a time
+    float* o = acc + (tok[i] - t0) * n;
+    for (int64_t c = 0; c < n; c += 64) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t q = 0; q < k; ++q) {
+        const float* wr = w + q * n + c;
+        const __m512 b = _mm512_set1_ps(h[i * k + q]);
+        a0 = _mm512_fmadd_ps(b, _mm512_loadu_ps(wr), a0);
+        a1 = _mm512_fmadd_ps(b, _mm512_loadu_ps(wr + 16), a1);
+        a2 = _mm512_fmadd_ps(b, _mm512_loadu_ps(wr + 32), a2);
+        a3 = _mm512_fmadd_ps(b, _mm512_loadu_ps(wr + 48), a3);
+      }
+      _mm512_storeu_ps(o + c, _mm512_add_ps(_mm512_loadu_ps(o + c), a0));
+      _mm512_storeu_ps(o + c + 16, _mm512_add_ps(_mm512_loadu_ps(o + c + 16), a1));
+      _mm512_storeu_ps(o + c + 32, _mm512_add_ps(_mm512_loadu_ps(o + c + 32), a2));
+      _mm512_storeu_ps(o + c + 48, _mm512_add_ps(_mm512_loadu_ps(o + c + 48), a3));
+    }
+  }
+#else
+  (void)h; (void)m; (void)k; (void)w; (void)n; (void)tok; (void)t0; (void)acc;
+#endif
+}
+
 namespace {
 
 struct Ffn {
@@ -468,6 +536,11 @@ void run_block(const Ffn& f, int64_t t0, int64_t t1, int64_t e0, int64_t e1, flo
     for (size_t gi = g0; gi < g1; ++gi) {
       const Group& gr = s.groups[gi];
       const int64_t* tk = s.toks.data() + gr.start;
+      if (g_use_blas && down_into_rows_ok(out)) {
+        down_into_rows(s.h.data() + ho, gr.count, gr.w, f.down + gr.lo * out, out, tk, t0, acc);
+        ho += gr.count * gr.w;
+        continue;
+      }
       float* ys = s.ys.data();
       gemm_rm(false, gr.count, out, gr.w, s.h.data() + ho, gr.w, f.down + gr.lo * out, out,
               0.0f, ys, out);
@@ -599,7 +672,7 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
 }
 """
 
-_EXT = InlineExtension("dyncompile_expert_ffn_v13", _SOURCE,
+_EXT = InlineExtension("dyncompile_expert_ffn_v14", _SOURCE,
                        ["expert_ffn_fwd", "expert_ffn_grouped", "expert_ffn_blocks", "mask_stats",
                         "use_blas"],
                        ("-O3", "-march=native", "-fopenmp"))
