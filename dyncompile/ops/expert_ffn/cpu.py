@@ -16,13 +16,15 @@ picks. Paths (``choose_path`` picks one per call from the actual mask):
   of its token rows, the up (and gate) sgemm on the weight slice, the activation
   (exact GELU with no gate: fused with the up bias in one pass per expert right
   after its sgemm, ATen's vectorised erf; otherwise torch's vectorised kernels,
-  once per chunk of experts) and the down sgemm,
-  added row by row into the output. Threads split token tiles when there are
-  enough tokens (each owns its output rows and starts them from the down
-  bias), else experts (each adds into its own partial output, summed at the
-  end): no index_add, no race, BLAS single threaded inside. Other dtypes: the
-  older per-expert at::mm loop with one index_add; the same loop in torch if
-  no compiler;
+  once per chunk of experts) and the down projection: with AVX-512 and an
+  output width that is a multiple of 64, register tiles of six token rows by
+  64 columns add it straight into the tokens' output rows (``down_into_rows``);
+  otherwise an sgemm into a buffer, added row by row into the output. Threads
+  split token tiles when there are enough tokens (each owns its output rows
+  and starts them from the down bias), else experts (each adds into its own
+  partial output, summed at the end): no index_add, no race, BLAS single
+  threaded inside. Other dtypes: the older per-expert at::mm loop with one
+  index_add; the same loop in torch if no compiler;
 - dense: one dense FFN with the unselected units zeroed, where the selection
   is too dense (or the experts too short) for grouping to pay.
 
