@@ -495,7 +495,9 @@ void run_block(const Ffn& f, int64_t t0, int64_t t1, int64_t e0, int64_t e1, flo
   int64_t max_c = 0;
   for (const Group& gr : s.groups) max_c = std::max(max_c, gr.count);
   s.xs.resize(static_cast<size_t>(max_c * d));
-  s.ys.resize(static_cast<size_t>(max_c * out));
+  // The down projection goes straight into the output rows where it can; else a buffer.
+  const bool into_rows = g_use_blas && down_into_rows_ok(out);
+  if (!into_rows) s.ys.resize(static_cast<size_t>(max_c * out));
   const size_t ng = s.groups.size();
   for (size_t g0 = 0; g0 < ng;) {
     // A chunk of groups whose hidden block fits kChunkFloats (at least one group).
@@ -538,7 +540,7 @@ void run_block(const Ffn& f, int64_t t0, int64_t t1, int64_t e0, int64_t e1, flo
     for (size_t gi = g0; gi < g1; ++gi) {
       const Group& gr = s.groups[gi];
       const int64_t* tk = s.toks.data() + gr.start;
-      if (g_use_blas && down_into_rows_ok(out)) {
+      if (into_rows) {
         down_into_rows(s.h.data() + ho, gr.count, gr.w, f.down + gr.lo * out, out, tk, t0, acc);
         ho += gr.count * gr.w;
         continue;
@@ -674,7 +676,7 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
 }
 """
 
-_EXT = InlineExtension("dyncompile_expert_ffn_v14", _SOURCE,
+_EXT = InlineExtension("dyncompile_expert_ffn_v15", _SOURCE,
                        ["expert_ffn_fwd", "expert_ffn_grouped", "expert_ffn_blocks", "mask_stats",
                         "use_blas"],
                        ("-O3", "-march=native", "-fopenmp"))

@@ -14,6 +14,7 @@ differently; in bf16 they agree with ``router_scores(..., bf16=True)``.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -152,6 +153,7 @@ def kernel_available() -> bool:
     return _EXT.load() is not None
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU has native bf16 dot products (a bf16 matmul is then about twice
     as fast as fp32; elsewhere it is emulated and slower)."""
