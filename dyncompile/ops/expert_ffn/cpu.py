@@ -621,10 +621,18 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
   const bool by_tokens = tiles >= threads || threads == 1;
   const float* bd = b_down.numel() ? b_down.data_ptr<float>() : nullptr;
   // Token tiles: each thread starts its own rows from the bias (no pass over y first).
-  auto y = by_tokens && units && out ? torch::empty({n, out}, x.options())
-         : bd ? b_down.reshape({1, out}).repeat({n, 1}) : torch::zeros({n, out}, x.options());
-  if (!units || !out) return std::make_tuple(y, pairs, units);
+  auto y = torch::empty({n, out}, x.options());
   float* yp = y.data_ptr<float>();
+  // Rows from the bias, serially (a parallel region costs more than this pass at the
+  // sizes that take it); token tiles start their own rows instead.
+  auto start_rows = [&](int64_t t0, int64_t t1) {
+    for (int64_t r = t0; r < t1; ++r) {
+      if (bd) std::copy(bd, bd + out, yp + r * out);
+      else std::fill(yp + r * out, yp + (r + 1) * out, 0.0f);
+    }
+  };
+  if (!units || !out || !by_tokens) start_rows(0, n);
+  if (!units || !out) return std::make_tuple(y, pairs, units);
   if (by_tokens) {
     const int64_t nt = std::max<int64_t>(1, tiles);
     at::parallel_for(0, nt, 1, [&](int64_t i0, int64_t i1) {
@@ -632,12 +640,8 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
       Scratch s;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t t0 = n * i / nt, t1 = n * (i + 1) / nt;
-        float* rows = yp + t0 * out;
-        for (int64_t r = 0; r < t1 - t0; ++r) {
-          if (bd) std::copy(bd, bd + out, rows + r * out);
-          else std::fill(rows + r * out, rows + (r + 1) * out, 0.0f);
-        }
-        run_block(f, t0, t1, 0, n_exp, rows, s);
+        start_rows(t0, t1);
+        run_block(f, t0, t1, 0, n_exp, yp + t0 * out, s);
       }
     });
     return std::make_tuple(y, pairs, units);
@@ -662,21 +666,19 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
       run_block(f, 0, n, bound[th], bound[th + 1], acc, s);
     }
   });
-  if (threads > 1) {
-    const int64_t total = n * out;
-    at::parallel_for(0, total, 16384, [&](int64_t i0, int64_t i1) {
-      for (int64_t th = 1; th < threads; ++th) {
-        const float* p = partial.data() + static_cast<size_t>((th - 1) * total);
-        #pragma omp simd
-        for (int64_t i = i0; i < i1; ++i) yp[i] += p[i];
-      }
-    });
+  // The partial outputs summed on this thread: this path runs for fewer tokens than
+  // threads x tile, where waking the pool again costs more than the adds.
+  const int64_t total = n * out;
+  for (int64_t th = 1; th < threads; ++th) {
+    const float* p = partial.data() + static_cast<size_t>((th - 1) * total);
+    #pragma omp simd
+    for (int64_t i = 0; i < total; ++i) yp[i] += p[i];
   }
   return std::make_tuple(y, pairs, units);
 }
 """
 
-_EXT = InlineExtension("dyncompile_expert_ffn_v15", _SOURCE,
+_EXT = InlineExtension("dyncompile_expert_ffn_v16", _SOURCE,
                        ["expert_ffn_fwd", "expert_ffn_grouped", "expert_ffn_blocks", "mask_stats",
                         "use_blas"],
                        ("-O3", "-march=native", "-fopenmp"))
