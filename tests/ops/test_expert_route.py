@@ -4,6 +4,7 @@ runs every expert at budget 1.0, routes below it; opcheck."""
 import pytest
 import torch
 
+from dyncompile.ops.expert_route import cpu
 from dyncompile.ops.expert_route import op as _op  # noqa: F401  (registers the op)
 from dyncompile.ops.expert_route.cpu import kernel_available, route_mask, router_scores
 from dyncompile.passes.rewrite.expert import ExpertRuntime, ExpertSite
@@ -32,10 +33,17 @@ def _agree(fast, ref, scores, tau):
 
 @needs_kernel
 @pytest.mark.parametrize("n, d, experts, hidden", [(1, 5, 3, 7), (37, 19, 24, 33),
-                                                   (300, 64, 5, 128), (9, 8, 33, 4)])
+                                                   (301, 64, 5, 128), (9, 8, 33, 4),
+                                                   (6, 33, 2, 70)])
 @pytest.mark.parametrize("tau", [0.0, 0.3, 0.77, 1.0])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_fast_path_equals_torch_selection_on_odd_shapes(n, d, experts, hidden, tau, bf16):
+@pytest.mark.parametrize("whole", [True, False], ids=["route_tokens", "matmul+route_select"])
+def test_fast_path_equals_torch_selection_on_odd_shapes(n, d, experts, hidden, tau, bf16,
+                                                        whole, monkeypatch):
+    if not whole:  # the route taken without the C++ first layer
+        monkeypatch.setattr(cpu, "_first_layer_kinds", lambda: (False, False))
+    elif not cpu._first_layer_kinds()[int(bf16)]:
+        pytest.skip("no C++ first layer for this precision in this build")
     r = _router(d, experts, hidden)
     x = torch.randn(n, d) * 2
     with torch.no_grad():
