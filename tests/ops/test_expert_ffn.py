@@ -183,6 +183,55 @@ def test_block_kernel_adds_the_down_projection_into_the_output_rows(d_out, tile,
         _close(y, y_mm)
 
 
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+@pytest.mark.parametrize("tile", [5, 10 ** 6])  # split by token tiles or by experts
+def test_block_kernel_reads_packed_up_weights(glu, bias, activation, tile, monkeypatch):
+    """Hidden widths that are multiples of 16 take the up projection from the packed copy,
+    token rows read in place: equal to the reference and to the gather + GEMM path, on
+    token counts that leave every remainder of six and widths of 1-6 blocks of 16 (and,
+    for 96 units in 4 experts, 24-unit experts that only pack when merged)."""
+    if not kernel_available():
+        pytest.skip("no C++ compiler")
+    monkeypatch.setattr(cpu, "GROUPED_TILE", tile)
+    for tokens, hidden, experts in [(1, 160, 5), (7, 112, 7), (13, 192, 4), (40, 96, 4),
+                                    (11, 256, 4), (65, 384, 4)]:
+        args = _case(tokens, glu=glu, bias=bias, seed=tokens, hidden=hidden)
+        m = _block_mask(tokens, experts, seed=tokens)
+        before = cpu.packs_made
+        y = expert_ffn_cpu(*args, m, activation, "grouped")[0]
+        assert cpu.packs_made - before == (2 if glu else 1)  # up (and gate), once each
+        _close(y, expert_ffn_reference(*args, m, activation))
+        monkeypatch.setattr(cpu, "PACK_WEIGHTS", False)
+        _close(y, expert_ffn_cpu(*args, m, activation, "grouped")[0])
+        monkeypatch.setattr(cpu, "PACK_WEIGHTS", True)
+
+
+def test_packed_weights_made_once_and_follow_changes():
+    if not kernel_available():
+        pytest.skip("no C++ compiler")
+    args = _case(9, glu=True, hidden=64)
+    m = _block_mask(9, 4)
+    before = cpu.packs_made
+    for _ in range(3):
+        expert_ffn_cpu(*args, m, "gelu", "grouped")
+    assert cpu.packs_made - before == 2
+    # A view of the same memory (as a compiled graph may pass a parameter) hits the
+    # same copy.
+    base = cpu.packs_made
+    view_args = list(args)
+    view_args[1] = args[1].view(64, D)
+    expert_ffn_cpu(*view_args, m, "gelu", "grouped")
+    assert cpu.packs_made == base
+    # An in-place change of a weight is seen: repacked, and the output follows.
+    with torch.no_grad():
+        args[1].mul_(2.0)
+    y = expert_ffn_cpu(*args, m, "gelu", "grouped")[0]
+    assert cpu.packs_made == base + 1
+    _close(y, expert_ffn_reference(*args, m, "gelu"))
+
+
 def test_block_kernel_odd_layouts():
     if not kernel_available():
         pytest.skip("no C++ compiler")

@@ -36,6 +36,8 @@ runs serially.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -427,10 +429,89 @@ static void down_into_rows(const float* h, int64_t m, int64_t k, const float* w,
 #endif
 }
 
+// h[i, :w] = x[tok[i]] . W[lo + j] (+ b[j]) for i < m, j < w, then exact GELU with
+// ``gelu``: the up (or gate) projection with the token rows read where they are (no
+// gather), from wp, the weight packed [H/16, d, 16] (units in blocks of 16, each block
+// input-major). Register tiles of six token rows by up to 64 units, each packed row loaded
+// once for the six. Needs AVX-512 and lo, w multiples of 16 (``up_from_rows_ok``).
+static bool up_from_rows_ok(int64_t lo, int64_t w) {
+#if defined(__AVX512F__)
+  return lo % 16 == 0 && w % 16 == 0;
+#else
+  (void)lo; (void)w;
+  return false;
+#endif
+}
+
+#if defined(__AVX512F__)
+template <int NC, bool GELU>
+static void up_tile(const float* const* xr, int rows, int64_t d, const float* wc, const float* b,
+                    float* h, int64_t ldh) {
+  __m512 a[6][NC];
+  for (int r = 0; r < 6; ++r)
+    for (int j = 0; j < NC; ++j) a[r][j] = _mm512_setzero_ps();
+  const int64_t plane = d * 16;
+  for (int64_t q = 0; q < d; ++q) {
+    __m512 w[NC];
+    for (int j = 0; j < NC; ++j) w[j] = _mm512_loadu_ps(wc + j * plane + q * 16);
+    for (int r = 0; r < 6; ++r) {
+      const __m512 v = _mm512_set1_ps(xr[r][q]);
+      for (int j = 0; j < NC; ++j) a[r][j] = _mm512_fmadd_ps(v, w[j], a[r][j]);
+    }
+  }
+  using Vec = at::vec::Vectorized<float>;
+  const Vec half(0.5f), one(1.0f), alpha(static_cast<float>(M_SQRT1_2));
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < NC; ++j) {
+      __m512 v = a[r][j];
+      if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + 16 * j));
+      if (GELU) {
+        const Vec x(v);
+        v = x * half * (one + (x * alpha).erf());
+      }
+      _mm512_storeu_ps(h + r * ldh + 16 * j, v);
+    }
+}
+
+template <bool GELU>
+static void up_tiles(const float* const* xr, int rows, int64_t d, const float* wc, int64_t w,
+                     const float* b, float* h) {
+  for (int64_t c = 0; c < w; c += 64) {
+    const float* wcc = wc + (c / 16) * d * 16;
+    const float* bc = b ? b + c : nullptr;
+    switch (std::min<int64_t>(4, (w - c) / 16)) {
+      case 4: up_tile<4, GELU>(xr, rows, d, wcc, bc, h + c, w); break;
+      case 3: up_tile<3, GELU>(xr, rows, d, wcc, bc, h + c, w); break;
+      case 2: up_tile<2, GELU>(xr, rows, d, wcc, bc, h + c, w); break;
+      default: up_tile<1, GELU>(xr, rows, d, wcc, bc, h + c, w); break;
+    }
+  }
+}
+#endif
+
+static void up_from_rows(const float* x, int64_t d, const int64_t* tok, int64_t m,
+                         const float* wp, int64_t lo, int64_t w, const float* b, bool gelu,
+                         float* h) {
+#if defined(__AVX512F__)
+  const float* wc = wp + (lo / 16) * d * 16;
+  for (int64_t i = 0; i < m; i += 6) {
+    const int rows = static_cast<int>(std::min<int64_t>(6, m - i));
+    const float* xr[6];
+    for (int r = 0; r < 6; ++r) xr[r] = x + tok[i + std::min(r, rows - 1)] * d;
+    if (gelu) up_tiles<true>(xr, rows, d, wc, w, b, h + i * w);
+    else up_tiles<false>(xr, rows, d, wc, w, b, h + i * w);
+  }
+#else
+  (void)x; (void)d; (void)tok; (void)m; (void)wp; (void)lo; (void)w; (void)b; (void)gelu;
+  (void)h;
+#endif
+}
+
 namespace {
 
 struct Ffn {
   const float *x, *up, *gate, *down, *bup, *bgate;
+  const float *upp = nullptr, *gatep = nullptr;  // packed [H/16, d, 16] copies, or null
   const bool* mask;
   int64_t n, d, hidden, out, n_exp, kind;
   bool glu;
@@ -494,7 +575,6 @@ void run_block(const Ffn& f, int64_t t0, int64_t t1, int64_t e0, int64_t e1, flo
   const bool fused_act = !f.glu && f.kind == 1;
   int64_t max_c = 0;
   for (const Group& gr : s.groups) max_c = std::max(max_c, gr.count);
-  s.xs.resize(static_cast<size_t>(max_c * d));
   // The down projection goes straight into the output rows where it can; else a buffer.
   const bool into_rows = g_use_blas && down_into_rows_ok(out);
   if (!into_rows) s.ys.resize(static_cast<size_t>(max_c * out));
@@ -513,10 +593,21 @@ void run_block(const Ffn& f, int64_t t0, int64_t t1, int64_t e0, int64_t e1, flo
     for (size_t gi = g0; gi < g1; ++gi) {
       const Group& gr = s.groups[gi];
       const int64_t* tk = s.toks.data() + gr.start;
+      float* h = s.h.data() + ho;
+      if (f.upp && (!f.glu || f.gatep) && up_from_rows_ok(gr.lo, gr.w)) {
+        // Token rows read in place; bias (and exact GELU) applied as the tiles are stored.
+        up_from_rows(f.x, d, tk, gr.count, f.upp, gr.lo, gr.w, f.bup ? f.bup + gr.lo : nullptr,
+                     fused_act, h);
+        if (f.glu)
+          up_from_rows(f.x, d, tk, gr.count, f.gatep, gr.lo, gr.w,
+                       f.bgate ? f.bgate + gr.lo : nullptr, false, s.g.data() + ho);
+        ho += gr.count * gr.w;
+        continue;
+      }
+      if (s.xs.size() < static_cast<size_t>(max_c * d)) s.xs.resize(static_cast<size_t>(max_c * d));
       float* xs = s.xs.data();
       for (int64_t i = 0; i < gr.count; ++i)
         std::memcpy(xs + i * d, f.x + tk[i] * d, sizeof(float) * d);
-      float* h = s.h.data() + ho;
       gemm_rm(true, gr.count, gr.w, d, xs, d, f.up + gr.lo * d, d, 0.0f, h, gr.w);
       if (fused_act) bias_gelu_rows(h, f.bup ? f.bup + gr.lo : nullptr, gr.count, gr.w);
       else if (f.bup) add_bias_rows(h, f.bup + gr.lo, gr.count, gr.w);
@@ -583,7 +674,7 @@ std::tuple<int64_t, bool> mask_stats(torch::Tensor mask) {
 std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
     torch::Tensor x, torch::Tensor w_up, torch::Tensor b_up, torch::Tensor w_gate,
     torch::Tensor b_gate, torch::Tensor w_down_t, torch::Tensor b_down, torch::Tensor mask,
-    int64_t kind, int64_t tile) {
+    int64_t kind, int64_t tile, torch::Tensor w_up_p, torch::Tensor w_gate_p) {
   x = x.detach().contiguous(); w_up = w_up.detach().contiguous();
   w_down_t = w_down_t.detach().contiguous();
   b_up = b_up.detach().contiguous();
@@ -601,6 +692,13 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
   f.bup = b_up.numel() ? b_up.data_ptr<float>() : nullptr;
   f.bgate = glu && b_gate.numel() ? b_gate.data_ptr<float>() : nullptr;
   f.mask = mask.data_ptr<bool>();
+  // Packed copies of the up and gate weights ([H/16, d, 16]), where the caller has them.
+  auto packed_ok = [&](const torch::Tensor& p) {
+    return p.numel() && p.scalar_type() == at::kFloat && p.is_contiguous() && p.dim() == 3 &&
+           p.size(0) * 16 == f.hidden && p.size(1) == f.d && p.size(2) == 16;
+  };
+  if (packed_ok(w_up_p)) f.upp = w_up_p.data_ptr<float>();
+  if (glu && packed_ok(w_gate_p)) f.gatep = w_gate_p.data_ptr<float>();
   const int64_t n = f.n, n_exp = f.n_exp, out = f.out;
   // Per-expert counts: pairs, units and the work split.
   std::vector<int64_t> cnt(n_exp, 0);
@@ -678,7 +776,7 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_blocks(
 }
 """
 
-_EXT = InlineExtension("dyncompile_expert_ffn_v16", _SOURCE,
+_EXT = InlineExtension("dyncompile_expert_ffn_v17", _SOURCE,
                        ["expert_ffn_fwd", "expert_ffn_grouped", "expert_ffn_blocks", "mask_stats",
                         "use_blas"],
                        ("-O3", "-march=native", "-fopenmp"))
@@ -687,6 +785,40 @@ _EXT = InlineExtension("dyncompile_expert_ffn_v16", _SOURCE,
 
 def kernel_available() -> bool:
     return _EXT.available()
+
+
+# The block kernel reads the up (and gate) weights from a copy packed [H/16, D, 16]
+# (units in blocks of 16, each input-major), made once per weight (and again after an
+# in-place change): the up projection then reads the tokens' rows in place, no gather.
+# Costs one more copy of those weights in memory; False turns it off.
+PACK_WEIGHTS = True
+# id(base tensor) -> (weak reference to it, {(data_ptr, shape, stride): (version, copy)}).
+_PACKED: dict[int, tuple[weakref.ref, dict]] = {}
+_EMPTY = torch.empty(0)
+packs_made = 0  # how many packed copies were made (tests check it stays at one per weight)
+
+
+def _packed16(w: torch.Tensor | None) -> torch.Tensor:
+    """``w`` [H, D] fp32 packed [H/16, D, 16], cached per weight; empty where not packed."""
+    global packs_made
+    if w is None or not PACK_WEIGHTS or w.dtype != torch.float32 or w.dim() != 2 \
+            or w.shape[0] % 16:
+        return _EMPTY
+    base = w._base if w._base is not None else w
+    key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()))
+    ent = _PACKED.get(id(base))
+    if ent is None or ent[0]() is not base:
+        ent = _PACKED[id(base)] = (
+            weakref.ref(base, lambda _, k=id(base): _PACKED.pop(k, None)), {})
+    per_base = ent[1]
+    got = per_base.get(key)
+    if got is None or got[0] != w._version:
+        if got is None and len(per_base) >= 4:  # the weight's memory moved: forget old copies
+            per_base.clear()
+        packed = w.detach().reshape(-1, 16, w.shape[1]).transpose(1, 2).contiguous()
+        got = per_base[key] = (w._version, packed)
+        packs_made += 1
+    return got[1]
 
 
 def _act_(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -881,7 +1013,8 @@ def expert_ffn_cpu(x2: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | No
             x2, w.w_up, w.b_up if w.b_up is not None else empty,
             w.w_gate if w.w_gate is not None else empty,
             w.b_gate if w.b_gate is not None else empty, w.w_down_t,
-            b_down if b_down is not None else empty, mask, act, GROUPED_TILE)
+            b_down if b_down is not None else empty, mask, act, GROUPED_TILE,
+            _packed16(w.w_up), _packed16(w.w_gate))
         return y, int(pairs), int(units), path
     if path == "grouped":
         y, pairs, units = mod.expert_ffn_grouped(
