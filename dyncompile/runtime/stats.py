@@ -82,6 +82,29 @@ def record_saving_fraction(fraction: float) -> None:
     target.spent_flops -= fraction * target.last_graph_flops
 
 
+def record_op(saving: float, *ratios: tuple[str, float, float]) -> None:
+    """``record_saving(saving)`` and ``record_ratio(*r)`` for each of ``ratios``, in one
+    call (an op's kernel calls it once per call)."""
+    stats = _CURRENT.get()
+    target = stats if stats is not None else _LAST
+    target.spent_flops -= saving
+    for name, num, den in ratios:
+        pair = target.counters.setdefault(name, [0.0, 0.0])
+        pair[0] += num
+        pair[1] += den
+
+
+def record_spent(name: str, flops: float) -> None:
+    """Called by a form's op: this call spent ``flops`` beyond the dense work (a router),
+    also counted as spent in the ratio ``name`` (``record_saving(-flops)`` and
+    ``record_ratio(name, flops, 0)`` in one)."""
+    stats = _CURRENT.get()
+    target = stats if stats is not None else _LAST
+    target.spent_flops += flops
+    pair = target.counters.setdefault(name, [0.0, 0.0])
+    pair[0] += flops
+
+
 def record_ratio(name: str, num: float, den: float) -> None:
     """Called by a form's op: accumulate a ratio for this call (``CallStats.ratio(name)``)."""
     stats = _CURRENT.get()

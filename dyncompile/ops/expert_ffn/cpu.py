@@ -792,6 +792,7 @@ def kernel_available() -> bool:
 # in-place change): the up projection then reads the tokens' rows in place, no gather.
 # Costs one more copy of those weights in memory; False turns it off.
 PACK_WEIGHTS = True
+_ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
 # id(base tensor) -> (weak reference to it, {(data_ptr, shape, stride): (version, copy)}).
 _PACKED: dict[int, tuple[weakref.ref, dict]] = {}
 _EMPTY = torch.empty(0)
@@ -999,8 +1000,15 @@ def expert_ffn_cpu(x2: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | No
         path = "grouped"
     if path == "grouped" and mod is None:
         path = "grouped_torch"
-    act = ACTIVATIONS.index(activation)
-    empty = torch.empty(0)
+    act = _ACT_CODES[activation]
+    empty = _EMPTY
+    if path == "grouped" and fused_ok and mod is not None:  # fp32, contiguous: no casts
+        y, pairs, units = mod.expert_ffn_blocks(
+            x2, w_up, b_up if b_up is not None else empty,
+            w_gate if w_gate is not None else empty, b_gate if b_gate is not None else empty,
+            w_down_t, b_down if b_down is not None else empty, mask, act, GROUPED_TILE,
+            _packed16(w_up), _packed16(w_gate))
+        return y, int(pairs), int(units), path
     if path == "fused":
         y, pairs, units = mod.expert_ffn_fwd(
             x2, w_up, b_up if b_up is not None else empty,

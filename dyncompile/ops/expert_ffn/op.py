@@ -51,15 +51,18 @@ def _cpu(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation):
     x2 = x.reshape(-1, d)
     n, n_exp = mask.shape
     y, pairs, units, path = expert_ffn_cpu(x2, w_up, b_up, w_gate, b_gate, w_down_t, b_down,
-                                           mask.to(torch.bool), activation)
+                                           mask if mask.dtype is torch.bool else mask.bool(),
+                                           activation)
     per_unit = _flops_per_unit(w_up, w_gate, w_down_t)
-    _stats.record_ratio("active_experts", pairs, n * n_exp)
     # What the routing selected (the budget's measure), whichever path ran it: every
     # path but the masked dense one computes exactly the selected units.
     chosen = units if path != "dense" else selected_units(mask, hidden)[1]
-    _stats.record_ratio("expert_compute", per_unit * chosen, per_unit * n * hidden)
-    _stats.record_saving(per_unit * (n * hidden - units))
-    return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
+    _stats.record_op(per_unit * (n * hidden - units),
+                     ("active_experts", pairs, n * n_exp),
+                     ("expert_compute", per_unit * chosen, per_unit * n * hidden))
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n_out)
 
 
 @expert_ffn.register_kernel("cuda")

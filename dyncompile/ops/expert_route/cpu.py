@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -381,3 +382,24 @@ def route_mask(fc1: torch.nn.Linear, fc2: torch.nn.Linear, x: torch.Tensor,
                                 ROUTE_TOKENS_GRAIN)
     h = F.linear(x.to(torch.bfloat16).float(), w1) if bf16 else F.linear(x, fc1.weight)
     return mod.route_select(h, b1, w2t, b2, e, float(tau))
+
+
+def route_lane(fc1: torch.nn.Linear, fc2: torch.nn.Linear,
+               bf16: bool) -> Callable[[torch.Tensor, float], torch.Tensor] | None:
+    """``lane(x, tau)``: ``route_mask(fc1, fc2, x, tau, bf16)`` for fp32 CPU ``x``, with the
+    router's prepared weights bound once (the least Python per call), or None where the
+    one-pass C++ router does not apply. Bound to the weights as they are now: take a new
+    lane after the router changes."""
+    mod = _EXT.load()
+    if mod is None or fc1.weight.dtype != torch.float32 or fc1.weight.device.type != "cpu" \
+            or fc1.bias is None or fc2.bias is None or not _first_layer_kinds()[int(bf16)]:
+        return None
+    _, w2t, b2, p32, p16 = _prepared(fc1, fc2)
+    fn = mod.route_tokens
+    w1p, b1, e, grain = p16 if bf16 else p32, fc1.bias.detach(), int(fc2.weight.shape[0]), \
+        ROUTE_TOKENS_GRAIN
+
+    def lane(x: torch.Tensor, tau: float) -> torch.Tensor:
+        return fn(x, w1p, b1, w2t, b2, e, tau, grain)
+
+    return lane

@@ -34,7 +34,7 @@ from torch import fx
 from ...ops.expert_ffn import op as _ffn_op  # noqa: F401  (registers the op)
 from ...ops.expert_ffn.reference import ACTIVATIONS, apply_activation, expert_widths
 from ...ops.expert_route import op as _route_op  # noqa: F401  (registers the op)
-from ...ops.expert_route.cpu import native_bf16, route_mask, router_scores
+from ...ops.expert_route.cpu import native_bf16, route_lane, route_mask, router_scores
 from ...runtime import stats as _stats
 from ...runtime.expert_fit import (
     TAUS,
@@ -112,6 +112,9 @@ class ExpertRuntime:
         self.samples: dict[str, list[torch.Tensor]] = {}
         self._tau: dict[float, dict[str, float]] = {}
         self._recording: dict[str, list[torch.Tensor]] | None = None
+        # site -> (route_lane for fp32 CPU inputs, router FLOPs per token); cleared
+        # whenever a router changes.
+        self._lanes: dict[str, tuple[Any, float]] = {}
 
     @property
     def calibrated(self) -> bool:
@@ -138,6 +141,7 @@ class ExpertRuntime:
         for site in bar:
             self._fit(site, torch.cat(self.samples.pop(site.name)))
         self._tau.clear()
+        self._lanes.clear()
 
     def _hidden(self, site: ExpertSite, x: torch.Tensor) -> torch.Tensor:
         up = x @ site.canonical("w_up").float().t()
@@ -222,6 +226,7 @@ class ExpertRuntime:
             s.offsets = torch.tensor(sorted(points[s.name]) or [(1.0, 0.0)],
                                      dtype=torch.float64)
         self._tau.clear()
+        self._lanes.clear()
 
     # -- run time -----------------------------------------------------------------------
     def tau(self, site: str, budget: float) -> float:
@@ -249,6 +254,12 @@ class ExpertRuntime:
         return want == "bf16" or (want == "auto" and native_bf16())
 
     def route(self, site: str, x: torch.Tensor, budget: float) -> torch.Tensor:
+        lane = self._lanes.get(site)
+        if lane is not None and x.is_cpu and x.dtype is torch.float32 \
+                and self._recording is None:
+            # The common call, with as little Python as possible (it runs between kernels).
+            _stats.record_spent("expert_compute", lane[1] * x.shape[0])
+            return lane[0](x, self.tau(site, budget))
         s = self.sites[site]
         if s.router is None:
             raise RuntimeError(f"expert: FFN {site!r} was not calibrated; pass calibration "
@@ -265,6 +276,9 @@ class ExpertRuntime:
             if self._recording is None:
                 mask = route_mask(router.fc1, router.fc2, x, tau, bf16)  # CPU fp32 fast path
                 if mask is not None:
+                    fast = route_lane(router.fc1, router.fc2, bf16)
+                    if fast is not None and x.is_cpu and x.dtype is torch.float32:
+                        self._lanes[site] = (fast, router.flops())
                     return mask
             scores = router_scores(router.fc1, router.fc2, x, bf16)
         if self._recording is not None:
@@ -309,6 +323,7 @@ class ExpertRuntime:
             self._permute(site, site.perm)
             self.sites[name] = site
         self._tau.clear()
+        self._lanes.clear()
 
 
 def _bounds(widths: list[int]) -> list[tuple[int, int]]:
