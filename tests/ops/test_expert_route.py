@@ -147,3 +147,26 @@ def test_router_precision_option(state, precision, bf16):
 def test_opcheck(state):
     state.value = 0.5
     torch.library.opcheck(op, (torch.randn(3, 7, 6), state.id, "s", 4))
+    # Inputs that require grad (a training-mode forward): the mask needs no gradient.
+    x = torch.randn(5, 6, requires_grad=True)
+    torch.library.opcheck(op, (x, state.id, "s", 4))
+    assert not op(x, state.id, "s", 4).requires_grad
+
+
+def test_later_calls_take_the_lane_until_the_router_changes(state):
+    if not cpu._first_layer_kinds()[0]:
+        pytest.skip("no C++ router pass in this build")
+    rt = state.forms["expert"]
+    rt.options["router_precision"] = "fp32"
+    state.value = 0.4
+    x = torch.randn(30, 6)
+    first = op(x, state.id, "s", 4)
+    assert "s" in rt._lanes  # the first routed call bound the lane
+    assert torch.equal(op(x, state.id, "s", 4), first)
+    site = rt.sites["s"]
+    with torch.no_grad():
+        scores = router_scores(site.router.fc1, site.router.fc2, x, False)
+    tau = rt.tau("s", 0.4)
+    _agree(first, select(scores, tau), scores, tau)
+    rt.finalize()  # refitting (or restoring) drops the lanes
+    assert not rt._lanes
