@@ -1,4 +1,4 @@
-"""Registration of ``torch.ops.dyncompile.expert_ffn``.
+"""Registration of ``torch.ops.dyncompile.expert_ffn`` (``torch.library.Library``).
 
 CPU: for few fp32 tokens the fused C++ kernel (each selected expert's weight
 rows read once); when every token picks the same experts, matmuls on the
@@ -17,8 +17,13 @@ from ...runtime import stats as _stats
 from .cpu import expert_ffn_cpu
 from .reference import check_args, expert_ffn_reference, selected_units
 
+_LIB = torch.library.Library("dyncompile", "FRAGMENT")
+_LIB.define("expert_ffn(Tensor x, Tensor w_up, Tensor? b_up, Tensor? w_gate, Tensor? b_gate, "
+            "Tensor w_down_t, Tensor? b_down, Tensor mask, str activation) -> Tensor")
+# Every other backend: the reference (dense, masked).
+_LIB.impl("expert_ffn", expert_ffn_reference, "CompositeExplicitAutograd")
 
-@torch.library.custom_op("dyncompile::expert_ffn", mutates_args=())
+
 def expert_ffn(x: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | None,
                w_gate: torch.Tensor | None, b_gate: torch.Tensor | None,
                w_down_t: torch.Tensor, b_down: torch.Tensor | None, mask: torch.Tensor,
@@ -28,11 +33,11 @@ def expert_ffn(x: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | None,
     ``mask`` [N, E] (bool) selects, per flattened token, the experts whose hidden
     slices ``[e*H//E, (e+1)*H//E)`` are kept; see ``reference.py``.
     """
-    return expert_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask,
-                                activation)
+    return torch.ops.dyncompile.expert_ffn.default(x, w_up, b_up, w_gate, b_gate, w_down_t,
+                                                   b_down, mask, activation)
 
 
-@expert_ffn.register_fake
+@torch.library.register_fake("dyncompile::expert_ffn")
 def _(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation):
     check_args(x, w_up, w_gate, w_down_t, mask, activation)
     return x.new_empty(*x.shape[:-1], w_down_t.shape[1])
@@ -43,7 +48,6 @@ def _flops_per_unit(w_up, w_gate, w_down_t) -> float:
     return 2.0 * w_up.shape[1] * (2 if w_gate is not None else 1) + 2.0 * w_down_t.shape[1]
 
 
-@expert_ffn.register_kernel("cpu")
 def _cpu(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation):
     check_args(x, w_up, w_gate, w_down_t, mask, activation)
     hidden, d = w_up.shape
@@ -65,7 +69,6 @@ def _cpu(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation):
     return y.reshape(*x.shape[:-1], n_out)
 
 
-@expert_ffn.register_kernel("cuda")
 def _cuda(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation):  # pragma: no cover
     from .triton import expert_ffn_triton
 
@@ -104,4 +107,10 @@ def _backward(ctx, grad):
     return tuple(grads)
 
 
-expert_ffn.register_autograd(_backward, setup_context=_setup_context)
+# The kernels are registered with the dispatcher directly (not through custom_op, whose
+# per-call Python layers cost tens of microseconds between a model's kernels); autograd
+# through the reference.
+_LIB.impl("expert_ffn", _cpu, "CPU")
+_LIB.impl("expert_ffn", _cuda, "CUDA")
+torch.library.register_autograd("dyncompile::expert_ffn", _backward,
+                                setup_context=_setup_context)
