@@ -1,8 +1,10 @@
 """CPU kernels: compute only the selected (token, expert) pairs, from contiguous expert slices.
 
 Expert e's weights are row blocks ``w_up[lo:hi]`` / ``w_down_t[lo:hi]``: every
-path works on views, never copies a weight, and skips the experts no token
-picks. Paths (``choose_path`` picks one per call from the actual mask):
+path works on views and skips the experts no token picks. The one copy is made
+once per weight, not per call: the block kernel's packed up (and gate) weights
+(``_packed16``, ``PACK_WEIGHTS``). Paths (``choose_path`` picks one per call
+from the actual mask):
 
 - fused (C++): for a few fp32 tokens, each selected expert's up and down rows
   are read once and applied to all its tokens with vectorised dot products and
@@ -12,11 +14,15 @@ picks. Paths (``choose_path`` picks one per call from the actual mask):
   experts (a single dense pair when all are selected);
 - grouped (C++): for fp32, the block kernel (``expert_ffn_blocks``), one call per
   FFN: a counting sort of the (token, expert) pairs by expert, then per expert
-  (adjacent experts with the same tokens merged into one wider slice) a gather
-  of its token rows, the up (and gate) sgemm on the weight slice, the activation
-  (exact GELU with no gate: fused with the up bias in one pass per expert right
-  after its sgemm, ATen's vectorised erf; otherwise torch's vectorised kernels,
-  once per chunk of experts) and the down projection: with AVX-512 and an
+  (adjacent experts with the same tokens merged into one wider slice) the up
+  (and gate) projection: with AVX-512 and slices in whole blocks of 16 units,
+  register tiles of six token rows by 64 units read the tokens' rows in place
+  from the packed weights (``up_from_rows``: no gather) and add the bias (and
+  the exact GELU, with no gate) as they store; otherwise a gather of the token
+  rows and an sgemm on the weight slice, then the bias (exact GELU with no
+  gate: fused with the bias in one pass, ATen's vectorised erf). Other
+  activations: torch's vectorised kernels, once per chunk of experts. Then the
+  down projection: with AVX-512 and an
   output width that is a multiple of 64, register tiles of six token rows by
   64 columns add it straight into the tokens' output rows (``down_into_rows``);
   otherwise an sgemm into a buffer, added row by row into the output. Threads
