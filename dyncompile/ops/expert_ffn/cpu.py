@@ -1008,7 +1008,10 @@ def expert_ffn_cpu(x2: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | No
         path = "grouped_torch"
     act = _ACT_CODES[activation]
     empty = _EMPTY
-    if path == "grouped" and fused_ok and mod is not None:  # fp32, contiguous: no casts
+    if path == "grouped" and x2.dtype == torch.float32:
+        if not fused_ok:  # weights of another dtype are cast (a copy); fp32 pass as they are
+            w_up, b_up, w_gate, b_gate, w_down_t = (
+                _cast(t, torch.float32) for t in (w_up, b_up, w_gate, b_gate, w_down_t))
         y, pairs, units = mod.expert_ffn_blocks(
             x2, w_up, b_up if b_up is not None else empty,
             w_gate if w_gate is not None else empty, b_gate if b_gate is not None else empty,
@@ -1022,14 +1025,6 @@ def expert_ffn_cpu(x2: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | No
             w_down_t, b_down if b_down is not None else empty, mask, act)
         return y, int(pairs), int(units), path
     w = _Slices(w_up, b_up, w_gate, b_gate, w_down_t, activation, x2.dtype)
-    if path == "grouped" and x2.dtype == torch.float32:
-        y, pairs, units = mod.expert_ffn_blocks(
-            x2, w.w_up, w.b_up if w.b_up is not None else empty,
-            w.w_gate if w.w_gate is not None else empty,
-            w.b_gate if w.b_gate is not None else empty, w.w_down_t,
-            b_down if b_down is not None else empty, mask, act, GROUPED_TILE,
-            _packed16(w.w_up), _packed16(w.w_gate))
-        return y, int(pairs), int(units), path
     if path == "grouped":
         y, pairs, units = mod.expert_ffn_grouped(
             x2, w.w_up, w.b_up if w.b_up is not None else empty,

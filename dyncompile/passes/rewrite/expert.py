@@ -274,11 +274,13 @@ class ExpertRuntime:
             x = x.to(router.fc1.weight.dtype)
             bf16 = self._bf16_router(x)
             if self._recording is None:
+                fast = route_lane(router.fc1, router.fc2, bf16) \
+                    if x.is_cpu and x.dtype is torch.float32 else None
+                if fast is not None:  # the C++ router pass: later calls take it directly
+                    self._lanes[site] = (fast, router.flops())
+                    return fast(x, tau)
                 mask = route_mask(router.fc1, router.fc2, x, tau, bf16)  # CPU fp32 fast path
                 if mask is not None:
-                    fast = route_lane(router.fc1, router.fc2, bf16)
-                    if fast is not None and x.is_cpu and x.dtype is torch.float32:
-                        self._lanes[site] = (fast, router.flops())
                     return mask
             scores = router_scores(router.fc1, router.fc2, x, bf16)
         if self._recording is not None:
