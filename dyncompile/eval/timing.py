@@ -71,6 +71,7 @@ def interleaved_samples(fns: dict[str, Callable[[], Any]], repeats: int = 20,
     """Seconds of each call of each function, per round: calls interleaved, order
     rotating."""
     names = list(fns)
+    sync = _device_sync()
     with torch.no_grad():
         for _ in range(warmup):
             for n in names:
@@ -79,7 +80,17 @@ def interleaved_samples(fns: dict[str, Callable[[], Any]], repeats: int = 20,
         for r in range(repeats):
             order = names[r % len(names):] + names[:r % len(names)]
             for n in order:
+                sync()
                 t0 = time.perf_counter()
                 fns[n]()
+                sync()
                 samples[n].append(time.perf_counter() - t0)
     return samples
+
+
+def _device_sync() -> Callable[[], None]:
+    """``torch.cuda.synchronize`` once CUDA is in use (its work is asynchronous: a
+    call's time is only known when its kernels have finished), else a no-op."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.synchronize
+    return lambda: None

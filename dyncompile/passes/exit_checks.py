@@ -69,7 +69,8 @@ class CheckPiece:
         args = [env[n] for n in self.inputs] + [w, b, cut]
         if self.takes_prev:
             if prev is None:  # the previous exit was not checked: this signal goes unused
-                prev = torch.zeros((rows, *self.summary_shape), dtype=self.summary_dtype)
+                prev = torch.zeros((rows, *self.summary_shape), dtype=self.summary_dtype,
+                                   device=w.device)
             args.append(prev)
         outs = self.fn(*args)
         n = len(self.segment.outputs)

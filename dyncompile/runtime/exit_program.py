@@ -36,8 +36,6 @@ from . import stats as _stats
 
 log = logging.getLogger("dyncompile")
 
-# The cut of an exit that cannot fire: no signal reaches it.
-_NEVER = torch.tensor(float("inf"))
 
 CONFIDENCE = "confidence"
 CONVERGENCE = "convergence"
@@ -173,9 +171,11 @@ class ExitGraph:
         example = [_example(n) for n in c.inputs]
         fake = next(x.fake_mode for x in example if isinstance(x, FakeTensor))
         width = self.width
-        example += [fake.from_tensor(torch.empty(width, width, dtype=c.adapter_dtype)),
-                    fake.from_tensor(torch.empty(width, dtype=c.adapter_dtype)),
-                    fake.from_tensor(torch.empty((), dtype=torch.float32))]
+        dev = _example(self.stream[-1]).device  # adapter and cut live with the stream
+        with fake:
+            example += [torch.empty(width, width, dtype=c.adapter_dtype, device=dev),
+                        torch.empty(width, dtype=c.adapter_dtype, device=dev),
+                        torch.empty((), dtype=torch.float32, device=dev)]
         if c.takes_prev:
             ref = _example(self.stream[c.exit - 1] if self.checks_mode == MEAN
                            else self.primary)
@@ -203,7 +203,7 @@ def _signal(g: ExitGraph, out: torch.Tensor, prev: torch.Tensor | None,
         return conf, pred
     pooled = out.float().flatten(1, -2).mean(1) if out.dim() > 2 else out.float()
     if prev is None:
-        return torch.zeros(pooled.shape[0]), pooled
+        return pooled.new_zeros(pooled.shape[:1]), pooled
     return F.cosine_similarity(pooled, prev, dim=-1), pooled
 
 
@@ -333,8 +333,8 @@ class ExitRunner:
         f = env[g.stream[-1]]
         width = int(f.shape[-1])
         gen = torch.Generator().manual_seed(0)
-        w = torch.randn(width, width, generator=gen) / width ** 0.5
-        b = torch.randn(width, generator=gen)
+        w = (torch.randn(width, width, generator=gen) / width ** 0.5).to(f.device)
+        b = torch.randn(width, generator=gen).to(f.device)
         mapped = _pool_at(g, env, F.linear(f.float(), w, b).to(f.dtype))
         commutes = all(_close(m, F.linear(p.float(), w) + o.float() * b)
                        for m, p, o in zip(mapped, pooled, ones))
@@ -484,7 +484,7 @@ class ExitRunner:
                                              self.mode == POOLED)
                     # No reference (k > 1, previous exit unchecked): the exit cannot fire.
                     can = fire[k - 1] and (prev is not None or k == 1)
-                    cut = rt.cut(k, threshold) if can else _NEVER
+                    cut = rt.cut(k, threshold) if can else rt.never
                     sig, summ, leave, any_t, heads = c.run(env, w, b, cut, prev,
                                                            int(alive.numel()))
                     anyone = bool(any_t)
@@ -494,7 +494,7 @@ class ExitRunner:
             if k == 1:
                 b0 = env[g.stream[1]]
                 total = int(b0.shape[0])
-                alive = torch.arange(total)
+                alive = torch.arange(total, device=b0.device)
                 costs = self._costs(self._tokens_per_row(b0))
                 if g.signal == CONVERGENCE and checked[0]:
                     spent += costs.first * total
@@ -600,7 +600,7 @@ class ExitRunner:
         frozen = None
         kept = prev = None
         b, s = env[g.stream[1]].shape[:2]
-        depth = torch.zeros(b, s)
+        depth = torch.zeros(b, s, device=env[g.stream[1]].device)
         fire, checked = self.runtime.plan(threshold, g.exits)
         for k in range(1, g.exits + 1):
             node = g.stream[k]

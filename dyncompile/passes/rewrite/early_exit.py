@@ -164,6 +164,10 @@ class ExitRuntime:
         self.graphs: list[ExitGraph] = []  # the cut graphs using this runtime
         self.tune_steps = tune_steps
         self.calls: list[Any] = []
+        # Where the model's stream lives: calibration statistics and fits stay on the CPU;
+        # what the hot path reads (adapters, cuts) is placed here.
+        self.device = torch.device("cpu")
+        self._never: torch.Tensor | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -175,6 +179,7 @@ class ExitRuntime:
         with ``graph`` and ``env``, also what the head needs to tune the adapters on."""
         if self.states and len(states) != len(self.states[0]) - 1:
             return
+        self.device = final.device
         if graph is not None and env is not None and self.tune_steps \
                 and len(self.calls) < MAX_TUNE_CALLS:
             f = graph.stream[-1]
@@ -187,7 +192,7 @@ class ExitRuntime:
         n = rows[0].shape[0]
         keep = torch.randperm(n, generator=torch.Generator().manual_seed(len(self.states)))
         keep = keep[:MAX_STATE_ROWS]
-        self.states.append([r[keep].float().clone() for r in rows])
+        self.states.append([r[keep].float().cpu() for r in rows])
 
     def exit_overhead(self, width: int) -> float:
         """FLOPs per row-token an exit adds besides the head (the adapter)."""
@@ -202,9 +207,9 @@ class ExitRuntime:
         if self.pooled_states and len(pooled) != len(self.pooled_states[0]) - 1:
             return
         width = ones[0].shape[-1]
-        rows = [torch.cat([v.detach().reshape(-1, width).float() for v in vals])
+        rows = [torch.cat([v.detach().reshape(-1, width).float().cpu() for v in vals])
                 for vals in [*pooled, ones]]
-        self.pooled_states.append([r.clone() for r in rows])
+        self.pooled_states.append(rows)
 
     def adapt(self, k: int, state: torch.Tensor, bias_scale: torch.Tensor | None = None,
               pooled: bool = False) -> torch.Tensor:
@@ -231,11 +236,13 @@ class ExitRuntime:
         got = self._mats.get(key)
         if got is None:
             if not self.adapters:
-                w, b = torch.eye(width), torch.zeros(width)
+                w = torch.eye(width, device=self.device)
+                b = torch.zeros(width, device=self.device)
             else:
                 a = (self.pooled_adapters or self.adapters)[k - 1] if pooled \
                     else self.adapters[k - 1]
-                w = a["w"] if "w" in a else torch.eye(width) + a["u"].float() @ a["vt"].float()
+                w = a["w"] if "w" in a else (torch.eye(width, device=a["u"].device)
+                                             + a["u"].float() @ a["vt"].float())
                 b = a["b"]
             got = self._mats[key] = (w.to(dtype).contiguous(), b.to(dtype).contiguous())
         return got
@@ -246,8 +253,8 @@ class ExitRuntime:
         ``tokens`` tokens; ``mode``: how the exits decided (``ExitRunner.mode``)."""
         if self.signals and signals.shape[1] != self.signals[0].shape[1]:
             return  # another graph of the same model with a different depth
-        self.signals.append(signals.detach().clone())
-        self.qualities.append(qualities.detach().clone())
+        self.signals.append(signals.detach().float().cpu())
+        self.qualities.append(qualities.detach().float().cpu())
         self.tokens.append((float(signals.shape[0]), tokens))
         rows = sum(n for n, _ in self.tokens)
         mean_tokens = sum(n * t for n, t in self.tokens) / rows
@@ -267,6 +274,7 @@ class ExitRuntime:
             if self.adapters and self.calls and "w" in self.adapters[0]:
                 self._tune()
             self._fit_pooled()
+            self._place()
             self.states, self.calls, self.pooled_states = [], [], []
             self.recording = True
         self._fit_maps()
@@ -296,8 +304,9 @@ class ExitRuntime:
         for k in tqdm(range(len(self.adapters)), desc="tuning exit adapters", leave=False,
                       disable=len(self.adapters) < 2):
             a = self.adapters[k]
-            w = a["w"].clone().requires_grad_(True)
-            b = a["b"].clone().requires_grad_(True)
+            dev = self.calls[0][1][k].device
+            w = a["w"].to(dev, copy=True).requires_grad_(True)
+            b = a["b"].to(dev, copy=True).requires_grad_(True)
             opt = torch.optim.Adam([w, b], lr=1e-3)
             with torch.enable_grad():
                 for step in range(self.tune_steps):
@@ -310,7 +319,25 @@ class ExitRuntime:
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-            a["w"], a["b"] = w.detach().contiguous(), b.detach().contiguous()
+            a["w"], a["b"] = w.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+
+    def _place(self) -> None:
+        """Move the fitted adapters to the stream's device (fits run on the CPU)."""
+        for ads in (self.adapters, self.pooled_adapters):
+            for a in ads:
+                for name, t in a.items():
+                    a[name] = t.to(self.device)
+        self._mats.clear()
+        self._cuts.clear()
+        self._never = None
+
+    @property
+    def never(self) -> torch.Tensor:
+        """The cut of an exit that cannot fire (no signal reaches it), on the stream's
+        device."""
+        if self._never is None:
+            self._never = torch.full((), float("inf"), device=self.device)
+        return self._never
 
     def refine(self, run_at: Any) -> None:
         """Second calibration pass at budget 1.0: every exit's signal and quality."""
@@ -350,7 +377,7 @@ class ExitRuntime:
         cut = self._cuts.get(key)
         if cut is None:
             cut = self._cuts[key] = torch.tensor(self.maps[k - 1].cut(threshold),
-                                                 dtype=torch.float32)
+                                                 dtype=torch.float32, device=self.device)
         return cut
 
     def leaves(self, k: int, signal: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -394,7 +421,7 @@ class ExitRuntime:
         for prefix, ads in (("adapter", self.adapters), ("pooled", self.pooled_adapters)):
             for k, a in enumerate(ads):
                 for name, t in a.items():
-                    tensors[f"{prefix}_{name}.{k}"] = t
+                    tensors[f"{prefix}_{name}.{k}"] = t.cpu()
         return tensors, {"exits": len(self.maps), "signal": self.signal,
                          "signal_adapted": self.signal_adapted,
                          "adapters": len(self.adapters), "pool_ok": self.pool_ok,
@@ -413,9 +440,10 @@ class ExitRuntime:
         self.pool_ok = meta.get("pool_ok")
         self.pooled_adapters = [{name: tensors[f"pooled_{name}.{k}"] for name in ("w", "b")}
                                 for k in range(int(meta.get("pooled_adapters", 0)))]
+        param = next(model.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
+        self._place()
         self._memo.clear()
-        self._mats.clear()
-        self._cuts.clear()
         self._plans.clear()
 
 
