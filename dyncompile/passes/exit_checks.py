@@ -43,10 +43,12 @@ from .pieces import Piece
 
 @dataclass(eq=False)
 class CheckPiece:
-    """Segment ``exit - 1`` with exit ``exit``'s check: ``fn(*env inputs, w, b, cut[, prev])``
-    returns the segment's outputs, then the signal, the summary (prediction or pooled
-    output), which rows leave (``signal >= cut``), whether any does, and, POOLED, the
-    head's outputs (``heads``) for the rows that leave."""
+    """Segment ``exit - 1`` with exit ``exit``'s check: ``fn(*env inputs, *adapter, cut[,
+    prev])`` returns the segment's outputs, then the signal, the summary (prediction or
+    pooled output), which rows leave (``signal >= cut``), whether any does, and, POOLED,
+    the head's outputs (``heads``) for the rows that leave. ``adapter`` is ``(w, b)``
+    (affine, ``x @ w.T + b``) or, with ``adapter_rank`` r, ``(u, vt, b)`` (identity plus
+    rank r: ``x + (x @ vt.T) @ u.T + b``, a fraction of the bytes to read)."""
 
     exit: int
     segment: Piece
@@ -55,22 +57,30 @@ class CheckPiece:
     takes_prev: bool                 # whether ``prev`` (the previous summary) is an input
     summary_shape: tuple[int, ...]   # one row's summary (() for a prediction)
     summary_dtype: torch.dtype
-    adapter_dtype: torch.dtype       # what ``w`` and ``b`` must be in
+    adapter_dtype: torch.dtype       # what the adapter's tensors must be in
     module: fx.GraphModule
+    adapter_rank: int | None = None  # None: a full affine adapter (w, b); r: (u, vt, b)
     fn: Callable[..., Any] = field(init=False)
 
     def __post_init__(self) -> None:
         self.fn = self.module
 
-    def run(self, env: dict[fx.Node, Any], w: torch.Tensor, b: torch.Tensor,
+    def adapter_shapes(self, width: int) -> list[tuple[int, ...]]:
+        """Shapes of the adapter tensors ``fn`` takes, for a stream of ``width``."""
+        r = self.adapter_rank
+        return [(width, width), (width,)] if r is None else [(width, r), (r, width), (width,)]
+
+    def run(self, env: dict[fx.Node, Any], adapter: tuple[torch.Tensor, ...],
             cut: torch.Tensor, prev: torch.Tensor | None, rows: int) -> CheckResult:
         """Run the segment into ``env`` for its ``rows`` rows and decide the exit: a row
         leaves when its signal reaches ``cut`` (a 0-dim float32 tensor)."""
-        args = [env[n] for n in self.inputs] + [w, b, cut]
+        args = [env[n] for n in self.inputs]
+        args += adapter
+        args.append(cut)
         if self.takes_prev:
             if prev is None:  # the previous exit was not checked: this signal goes unused
                 prev = torch.zeros((rows, *self.summary_shape), dtype=self.summary_dtype,
-                                   device=w.device)
+                                   device=cut.device)
             args.append(prev)
         outs = self.fn(*args)
         n = len(self.segment.outputs)
@@ -184,9 +194,10 @@ def _meta_dims(node: fx.Node, source: fx.Node) -> None:
 
 
 def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, mode: str,
-                primary: fx.Node, pool: Piece | None = None, post: Piece | None = None
-                ) -> CheckPiece:
-    """Segment ``exit - 1`` fused with exit ``exit``'s check (``mode`` MEAN or POOLED)."""
+                primary: fx.Node, pool: Piece | None = None, post: Piece | None = None,
+                adapter_rank: int | None = None) -> CheckPiece:
+    """Segment ``exit - 1`` fused with exit ``exit``'s check (``mode`` MEAN or POOLED);
+    ``adapter_rank``: the exit adapters are identity plus rank r (else full affine)."""
     if mode not in (MEAN, POOLED):
         raise ValueError(f"exit checks fuse only for {MEAN!r} or {POOLED!r} exits")
     if mode == POOLED and (pool is None or post is None):
@@ -202,13 +213,22 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
     for n in [*segment.inputs, *_outside(head_nodes, known), *passed]:
         if n not in b.have:
             b.placeholder(n)
-    w_node = b.graph.placeholder("adapter_w")
+    if adapter_rank is None:
+        mats = [b.graph.placeholder("adapter_w")]
+    else:
+        mats = [b.graph.placeholder("adapter_u"), b.graph.placeholder("adapter_vt")]
     bias_node = b.graph.placeholder("adapter_b")
     cut_node = b.graph.placeholder("cut")
     takes_prev = exit > 1
     prev_node = b.graph.placeholder("prev") if takes_prev else None
     b.have.update(b.copy(segment.nodes))
-    w, bias = b.proxy(w_node), b.proxy(bias_node)
+    bias = b.proxy(bias_node)
+
+    def adapt(x: Proxy) -> Proxy:
+        """The adapter without its bias: ``x @ w.T``, or ``x + (x @ vt.T) @ u.T``."""
+        if adapter_rank is None:
+            return F.linear(x, b.proxy(mats[0]))
+        return x + F.linear(F.linear(x, b.proxy(mats[1])), b.proxy(mats[0]))
 
     def head_outputs(at: fx.Node, adapted: bool) -> dict[fx.Node, Proxy]:
         """The head's outputs (POOLED) for the stream value ``at``."""
@@ -220,7 +240,7 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
             got1 = b.copy(pool.nodes, {f: ones.node})
             for o in pool.outputs:
                 scale = b.proxy(got1.get(o, b.have.get(o)))
-                pooled[o] = (F.linear(b.proxy(pooled[o]), w) + bias * scale).node
+                pooled[o] = (adapt(b.proxy(pooled[o])) + bias * scale).node
         done = b.copy(post.nodes, {**pooled, f: b.have[at]})
         vals = {}
         for o in post.outputs:
@@ -232,7 +252,7 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
     heads: list[fx.Node] = []
     head_vals: list[Proxy] = []
     if mode == MEAN:
-        out = F.linear(_pooled(b.proxy(b.have[state])), w) + bias
+        out = adapt(_pooled(b.proxy(b.have[state]))) + bias
         out.node.meta["ndim"] = 2
         prev = None
         if takes_prev:
@@ -265,4 +285,4 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
         else sv.dtype
     return CheckPiece(exit=exit, segment=segment, inputs=b.inputs, heads=heads,
                       takes_prev=takes_prev, summary_shape=shape, summary_dtype=dtype,
-                      adapter_dtype=adapter_dtype, module=module)
+                      adapter_dtype=adapter_dtype, module=module, adapter_rank=adapter_rank)

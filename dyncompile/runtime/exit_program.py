@@ -173,9 +173,9 @@ class ExitGraph:
         width = self.width
         dev = _example(self.stream[-1]).device  # adapter and cut live with the stream
         with fake:
-            example += [torch.empty(width, width, dtype=c.adapter_dtype, device=dev),
-                        torch.empty(width, dtype=c.adapter_dtype, device=dev),
-                        torch.empty((), dtype=torch.float32, device=dev)]
+            example += [torch.empty(shape, dtype=c.adapter_dtype, device=dev)
+                        for shape in c.adapter_shapes(width)]
+            example.append(torch.empty((), dtype=torch.float32, device=dev))
         if c.takes_prev:
             ref = _example(self.stream[c.exit - 1] if self.checks_mode == MEAN
                            else self.primary)
@@ -480,12 +480,12 @@ class ExitRunner:
             if k > 1 or not started:
                 if fused is not None and checked[k - 1]:  # layer k - 1 and exit k's check
                     c = fused[k - 1]
-                    w, b = rt.adapter_matrix(k, g.width, c.adapter_dtype,
-                                             self.mode == POOLED)
+                    adapter = rt.adapter_args(k, g.width, c.adapter_dtype,
+                                              self.mode == POOLED, c.adapter_rank)
                     # No reference (k > 1, previous exit unchecked): the exit cannot fire.
                     can = fire[k - 1] and (prev is not None or k == 1)
                     cut = rt.cut(k, threshold) if can else rt.never
-                    sig, summ, leave, any_t, heads = c.run(env, w, b, cut, prev,
+                    sig, summ, leave, any_t, heads = c.run(env, adapter, cut, prev,
                                                            int(alive.numel()))
                     anyone = bool(any_t)
                     heads = heads or None

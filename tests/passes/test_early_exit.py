@@ -37,8 +37,9 @@ def _ids(batch, seq, seed=0):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _plan(model, inputs):
-    cfg = dyncompile.DynConfig(methods=("early_exit",))
+def _plan(model, inputs, **options):
+    cfg = dyncompile.DynConfig(methods=("early_exit",),
+                               form_options={"early_exit": options} if options else {})
 
     def plan(gm, example):
         ctx = PassContext(config=cfg, example_inputs=example,

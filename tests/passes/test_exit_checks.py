@@ -41,6 +41,22 @@ def test_mean_check_fused_graph_is_segment_plus_token_mean_adapter_and_cosine():
     assert len(names) == len(second.inputs) + 4
 
 
+def test_low_rank_check_reads_the_adapter_factors():
+    gm, g, _ = _plan(_bert(), _ids(2, 6, 0), adapter_rank=4)
+    assert g.checks_mode == "mean"
+    c = g.checks[1]
+    assert c.adapter_rank == 4
+    # Identity plus rank 4: the mean, two thin linears and the skip, not one square map.
+    assert _added(c) == sorted(["flatten", "float", "mean", "float", "linear", "linear",
+                                "add", "add", "cosine_similarity", "ge", "any"])
+    names = [n.name for n in c.module.graph.nodes if n.op == "placeholder"]
+    assert names[-5:] == ["adapter_u", "adapter_vt", "adapter_b", "cut", "prev"]
+    assert c.adapter_shapes(g.width) == [(g.width, 4), (4, g.width), (g.width,)]
+    # A rank that would not be cheaper than the full map is fitted (and checked) full.
+    _, full, _ = _plan(_bert(), _ids(2, 6, 0), adapter_rank=g.width // 2)
+    assert full.checks[1].adapter_rank is None
+
+
 def test_pooled_check_fused_graph_pools_adapts_and_runs_the_head():
     gm, g, _ = _plan(PooledClassifier("mean").eval(), _masked(2, 6, 0))
     assert g.checks_mode == "pooled"
@@ -76,16 +92,21 @@ def _run(opt, x, fused: bool):
             g.checks = checks
 
 
-@pytest.mark.parametrize("which", ["mean", "pooled"])
-def test_fused_checks_give_the_same_exits_and_outputs(which):
+@pytest.mark.parametrize("which,rank", [("mean", None), ("pooled", None), ("mean", 4),
+                                        ("pooled", 4)])
+def test_fused_checks_give_the_same_exits_and_outputs(which, rank):
     if which == "mean":
         model, cal, x = _bert(), [_ids(8, 8, s) for s in range(4)], _ids(9, 8, 5)
     else:
         model, cal, x = PooledClassifier("mean").eval(), _cal(), _masked(9, 8, 5)
+    opts = {"early_exit": {"adapter_rank": rank}} if rank else {}
     opt = dyncompile.optimize(model, methods=["early_exit"], calibration=cal,
-                              compiler="eager")
+                              compiler="eager", form_options=opts)
     rt = opt.state.forms["early_exit"]
     assert all(g.checks_mode == which for g in rt.graphs)
+    assert all(c.adapter_rank == rank for g in rt.graphs for c in g.checks)
+    if rank:
+        assert all("u" in a and a["u"].shape[1] == rank for a in rt.adapters)
     calls = []
     original = [g.checks for g in rt.graphs]
     for checks in original:

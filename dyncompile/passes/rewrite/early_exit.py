@@ -116,13 +116,20 @@ def fit_pooled(x: torch.Tensor, ones: torch.Tensor, y: torch.Tensor, w0: torch.T
             (b0.double() + sol[width]).float().contiguous())
 
 
+def low_rank(rank: int | None, width: int) -> int | None:
+    """The rank an adapter of a stream of ``width`` is fitted with: ``rank``, or None (a
+    full affine map) when none is asked or it would not be cheaper."""
+    return rank if rank is not None and rank < width // 2 else None
+
+
 def fit_adapter(x: torch.Tensor, y: torch.Tensor, rank: int | None) -> dict[str, torch.Tensor]:
     """An exit adapter y ~ A(x): full affine ``{"w", "b"}``, or with ``rank``, identity plus
     a rank-``rank`` correction ``x + (x @ vt.T) @ u.T + b`` (the truncated SVD of W - I),
     which costs 2 * rank * width instead of width**2 multiply-adds per row."""
     w, b = fit_affine(x, y)
     width = w.shape[0]
-    if rank is None or rank >= width // 2:
+    rank = low_rank(rank, width)
+    if rank is None:
         return {"w": w, "b": b}
     u, sv, vh = torch.linalg.svd(w.double() - torch.eye(width, dtype=torch.float64))
     # Refit the bias for the truncated map.
@@ -159,7 +166,7 @@ class ExitRuntime:
         self.pooled_states: list[list[torch.Tensor]] = []
         self.pooled_adapters: list[dict[str, torch.Tensor]] = []
         self._cuts: dict[tuple[int, float], torch.Tensor] = {}
-        self._mats: dict[tuple[int, bool, torch.dtype, int], tuple[torch.Tensor, ...]] = {}
+        self._mats: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
         self.recording = False
         self.graphs: list[ExitGraph] = []  # the cut graphs using this runtime
         self.tune_steps = tune_steps
@@ -227,24 +234,32 @@ class ExitRuntime:
         low = torch.nn.functional.linear(state, a["vt"].to(dt))
         return state + torch.nn.functional.linear(low, a["u"].to(dt)) + b
 
-    def adapter_matrix(self, k: int, width: int, dtype: torch.dtype, pooled: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exit ``k``'s adapter as one affine map ``(w, b)`` in ``dtype`` (``adapt`` without
-        a bias scale is ``F.linear(state, w) + b``; the identity without adapters), for
-        the fused exit checks."""
-        key = (k, pooled, dtype, width)
+    def adapter_args(self, k: int, width: int, dtype: torch.dtype, pooled: bool = False,
+                     rank: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Exit ``k``'s adapter as the fused exit checks take it, in ``dtype``: ``(w, b)``
+        with ``adapt(state) == F.linear(state, w) + b`` (no bias scale; the identity
+        without adapters), or with ``rank`` (the checks were built for low-rank
+        adapters) ``(u, vt, b)``, the adapter's own factors."""
+        key = (k, pooled, dtype, width, rank)
         got = self._mats.get(key)
         if got is None:
-            if not self.adapters:
-                w = torch.eye(width, device=self.device)
-                b = torch.zeros(width, device=self.device)
-            else:
+            a = None
+            if self.adapters:
                 a = (self.pooled_adapters or self.adapters)[k - 1] if pooled \
                     else self.adapters[k - 1]
+            if rank is not None:
+                if a is None or "u" not in a or a["u"].shape[1] != rank:
+                    raise RuntimeError(f"early_exit: the exit checks take rank-{rank} "
+                                       "adapters, but the fitted adapters differ")
+                parts = (a["u"], a["vt"], a["b"])
+            elif a is None:
+                parts = (torch.eye(width, device=self.device),
+                         torch.zeros(width, device=self.device))
+            else:
                 w = a["w"] if "w" in a else (torch.eye(width, device=a["u"].device)
                                              + a["u"].float() @ a["vt"].float())
-                b = a["b"]
-            got = self._mats[key] = (w.to(dtype).contiguous(), b.to(dtype).contiguous())
+                parts = (w, a["b"])
+            got = self._mats[key] = tuple(t.to(dtype).contiguous() for t in parts)
         return got
 
     def observe(self, graph: ExitGraph, signals: torch.Tensor, qualities: torch.Tensor,
@@ -709,13 +724,16 @@ class EarlyExitForm(Pass):
                        for p in fills],
             static_rows=isinstance(batch, sympy.Integer) and int(batch) > 1, whole=whole,
             pool=pool, post=post, post_cost=post_cost)
-        _fuse_checks(eg)
+        opts = ctx.config.form_options.get(self.name, {})
+        rank = low_rank(opts.get("adapter_rank"), eg.width) \
+            if opts.get("adapter", "affine") == "affine" else None
+        _fuse_checks(eg, rank)
         return eg
 
 
-def _fuse_checks(g: ExitGraph) -> None:
+def _fuse_checks(g: ExitGraph, rank: int | None = None) -> None:
     """Give ``g`` its layer pieces fused with the exit checks, where a check reads one
-    pooled row per sample (``passes.exit_checks``)."""
+    pooled row per sample (``passes.exit_checks``); ``rank``: the adapters' low rank."""
     if g.token_level:
         return
     if g.pool is not None:
@@ -726,7 +744,7 @@ def _fuse_checks(g: ExitGraph) -> None:
         return
     try:
         g.checks = [build_check(k, g.segments[k - 1], g.stream, g.signal, mode, g.primary,
-                                g.pool, g.post) for k in range(1, g.exits + 1)]
+                                g.pool, g.post, rank) for k in range(1, g.exits + 1)]
         g.checks_mode = mode
     except Exception as e:  # a graph the builder cannot copy: checks stay unfused
         log.info("early_exit: exit checks not fused into the layer pieces (%s)", e)
