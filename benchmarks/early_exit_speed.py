@@ -14,8 +14,12 @@ unfused"), the layers run piece by piece with no check ("pieces, no check"),
 and budgets 0.8 / 0.6 / 0.4, with the spent FLOP fraction and mean depth the
 runtime reports. Also counts the graphs dynamo compiled for the pieces.
 
+``--options`` compares early-exit settings in the same rounds: a
+comma-separated list of ``key=value+key=value`` form options (``default``: none),
+e.g. ``--options default,adapter_rank=32``; each gets its own rows.
+
     python benchmarks/early_exit_speed.py [--repeats 20] [--shapes 1x128,32x128]
-        [--models minilm,classifier] [--json PATH]
+        [--models minilm,classifier] [--options default] [--json PATH]
 """
 
 from __future__ import annotations
@@ -79,7 +83,22 @@ def _model(what: str) -> torch.nn.Module:
     return load_minilm().eval() if what == "minilm" else ClassifierWorkload().model
 
 
-def run(repeats: int, shapes: tuple = SHAPES, models: tuple = MODELS) -> dict[str, Any]:
+def parse_options(spec: str) -> dict[str, dict[str, Any]]:
+    """``"default,adapter_rank=32+adapter_fit=tokens"`` -> {label: early_exit options}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in spec.split(","):
+        opts: dict[str, Any] = {}
+        if item != "default":
+            for kv in item.split("+"):
+                key, _, value = kv.partition("=")
+                opts[key] = int(value) if value.lstrip("-").isdigit() else value
+        out[item] = opts
+    return out
+
+
+def run(repeats: int, shapes: tuple = SHAPES, models: tuple = MODELS,
+        options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    options = options or {"default": {}}
     cal, timing = minilm_batches(shapes)
     rows: list[dict[str, Any]] = []
     graphs: dict[str, int] = {}
@@ -87,13 +106,18 @@ def run(repeats: int, shapes: tuple = SHAPES, models: tuple = MODELS) -> dict[st
         model = _model(what)
         dense = torch.compile(model)
         before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        opt = dyncompile.optimize(model, methods=["early_exit"], calibration=cal)
-        runtime = opt.state.forms["early_exit"]
+        opts = {name: dyncompile.optimize(model, methods=["early_exit"], calibration=cal,
+                                          form_options={"early_exit": o} if o else None)
+                for name, o in options.items()}
+        points = [(name, b) for name in opts for b in (1.0, *VARIANTS, *BUDGETS)]
         for label, batch in timing.items():
             reps = repeats if label.startswith("1x") else max(8, repeats // 2)
             fns = {"dense": lambda b=batch, d=dense: call_batch(d, b)}
             info: dict[str, tuple[float, float]] = {}
-            for b in (1.0, *VARIANTS, *BUDGETS):
+            for name, b in points:
+                opt = opts[name]
+                runtime = opt.state.forms["early_exit"]
+
                 def call(b: Any = b, batch: Any = batch, opt: Any = opt,
                          runtime: Any = runtime) -> Any:
                     if b in VARIANTS:
@@ -104,30 +128,33 @@ def run(repeats: int, shapes: tuple = SHAPES, models: tuple = MODELS) -> dict[st
                 with torch.no_grad():
                     call()
                     call()
-                info[str(b)] = (opt.stats.fraction, opt.stats.ratio("exit_depth") or 1.0)
-                fns[str(b)] = call
+                key = f"{name}:{b}"
+                info[key] = (opt.stats.fraction, opt.stats.ratio("exit_depth") or 1.0)
+                fns[key] = call
             with torch.no_grad():
                 samples = interleaved_samples(fns, repeats=reps, warmup=2)
             t = {k: statistics.median(v) for k, v in samples.items()}
-            for b in (1.0, *VARIANTS, *BUDGETS):
-                spent, depth = info[str(b)]
-                rows.append({"what": what, "shape": label, "budget": b, "spent": spent,
-                             "depth": depth, "dense_ms": 1e3 * t["dense"],
-                             "ms": 1e3 * t[str(b)], "speedup": t["dense"] / t[str(b)],
-                             "paired": paired_speedup(samples, "dense", str(b))})
+            for name, b in points:
+                key = f"{name}:{b}"
+                spent, depth = info[key]
+                rows.append({"what": what, "options": name, "shape": label, "budget": b,
+                             "spent": spent, "depth": depth, "dense_ms": 1e3 * t["dense"],
+                             "ms": 1e3 * t[key], "speedup": t["dense"] / t[key],
+                             "paired": paired_speedup(samples, "dense", key)})
                 print(rows[-1], flush=True)
         graphs[what] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
-        graphs[f"{what} pieces"] = sum(g.graphs for g in runtime.graphs)
-    return {"meta": {**device_info(), "repeats": repeats}, "rows": rows,
+        graphs[f"{what} pieces"] = sum(g.graphs for o in opts.values()
+                                       for g in o.state.forms["early_exit"].graphs)
+    return {"meta": {**device_info(), "repeats": repeats, "options": options}, "rows": rows,
             "graphs_compiled": graphs}
 
 
 def table(res: dict[str, Any]) -> str:
     return markdown_table(
-        ["model", "tokens", "budget", "FLOPs spent", "mean depth", "dense ms", "early_exit ms",
-         "speedup", "paired speedup"],
-        [[r["what"], r["shape"], r["budget"], f"{r['spent']:.3f}", f"{r['depth']:.3f}",
-          f"{r['dense_ms']:.2f}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}",
+        ["model", "options", "tokens", "budget", "FLOPs spent", "mean depth", "dense ms",
+         "early_exit ms", "speedup", "paired speedup"],
+        [[r["what"], r.get("options", "default"), r["shape"], r["budget"], f"{r['spent']:.3f}",
+          f"{r['depth']:.3f}", f"{r['dense_ms']:.2f}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}",
           f"{r['paired']:.3f}"]
          for r in res["rows"]])
 
@@ -137,6 +164,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--shapes", default="1x128,32x128")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--options", default="default",
+                    help="early_exit form options to compare, e.g. default,adapter_rank=32")
     ap.add_argument("--json", default="benchmarks/results/early_exit_speed.json")
     args = ap.parse_args()
     shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
@@ -144,7 +173,7 @@ def main() -> None:
     unknown = set(models) - set(MODELS)
     if unknown:
         ap.error(f"unknown model(s) {sorted(unknown)}; choose from {list(MODELS)}")
-    res = run(args.repeats, shapes, models)
+    res = run(args.repeats, shapes, models, parse_options(args.options))
     finish(res, args.json, table(res),
            f"graphs compiled (dynamo graphs, dense and dyn; Inductor pieces of the cut "
            f"graphs): {res['graphs_compiled']}")
