@@ -250,6 +250,29 @@ def test_save_and_load_restore_the_same_exits(tmp_path):
     compare_outputs(after, before, atol=1e-6)
 
 
+def test_runtime_places_what_the_hot_path_reads_on_the_stream_device():
+    """Fits stay on the CPU; adapters, cuts and the never-cut follow ``device`` (here
+    "meta", a device no CPU tensor can stand in for); exports come back to the CPU."""
+    opt = _optimized(_bert(), [_ids(8, 8, s) for s in range(3)])
+    rt = opt.state.forms["early_exit"]
+    assert rt.device == torch.device("cpu") and rt.adapters
+    assert all(m.centers.device.type == "cpu" for m in rt.maps)
+    width = rt.adapters[0]["w"].shape[0]
+    tensors, meta = rt.export()
+    rt.device = torch.device("meta")
+    rt._place()
+    assert all(t.device.type == "meta" for a in rt.adapters for t in a.values())
+    assert all(t.device.type == "meta" for t in rt.adapter_args(1, width, torch.float32))
+    assert rt.cut(1, 0.9).device.type == "meta" and rt.never.device.type == "meta"
+    # Restoring onto a model follows the model's parameters; exports are CPU tensors.
+    rt.restore(tensors, meta, _bert())
+    assert rt.device.type == "cpu"
+    assert all(t.device.type == "cpu" for t in rt.export()[0].values())
+    rt.restore(tensors, meta, _bert().to("meta"))
+    assert rt.device.type == "meta"
+    assert all(t.device.type == "meta" for a in rt.adapters for t in a.values())
+
+
 def test_backend_calibrates_on_first_inputs(dyncompile_log):
     model = _bert()
     compiled = torch.compile(model, backend="dyn",
