@@ -11,9 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from types import ModuleType
 
 log = logging.getLogger("dyncompile")
+
+# A build lock older than this was left by a build that was killed (the kernels build
+# in well under a minute): left in place, every later load would wait on it forever.
+STALE_LOCK_S = 15 * 60
 
 # C++ helpers shared by the ops' kernels: spliced into a kernel's source after its
 # includes (``<torch/extension.h>`` brings the integer types).
@@ -50,6 +55,7 @@ class InlineExtension:
                 try:
                     from torch.utils.cpp_extension import load_inline
 
+                    clear_stale_lock(self.name)
                     os.environ.setdefault("MAX_JOBS", "2")
                     self._module = load_inline(
                         name=self.name, cpp_sources=[self.source], functions=self.functions,
@@ -62,3 +68,25 @@ class InlineExtension:
 
     def available(self) -> bool:
         return self.load() is not None
+
+
+def clear_stale_lock(name: str, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove the build lock of extension ``name`` if it is older than ``max_age_s``
+    (a build killed mid-way leaves it, and torch waits on it without end); returns
+    whether one was removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:  # no lock: nobody is building
+        return False
+    if age <= max_age_s:
+        return False
+    log.warning("dyncompile: removing %s, left %.0f min ago by a build of %s that did not "
+                "finish", lock, age / 60, name)
+    try:
+        os.remove(lock)
+    except OSError:  # another process removed it first
+        return False
+    return True
