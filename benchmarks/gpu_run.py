@@ -402,6 +402,59 @@ def main() -> None:
             log(name, "FAILED\n", RESULTS[name]["error"])
         save()
     log("done")
+    print(summary(RESULTS), flush=True)
+
+
+def summary(res: dict[str, Any]) -> str:
+    """Markdown tables of what was measured (the end of the output is what comes back)."""
+    from _results import markdown_table
+
+    parts = [f"{res['meta'].get('gpu')}, torch {res['meta'].get('torch')}, "
+             f"{res['meta'].get('date')}"]
+    for name in ("pytest", "kernels", "early_exit", "forms"):
+        sec = res.get(name)
+        if not isinstance(sec, dict):
+            continue
+        if "error" in sec or "skipped" in sec:
+            parts.append(f"{name}: {sec.get('skipped') or sec['error'].splitlines()[-1]}")
+            continue
+        if name == "pytest":
+            parts.append(f"pytest -m cuda: rc {sec['rc']}: {sec['tail'].strip().splitlines()[-1]}")
+        elif name == "kernels":
+            parts.append(markdown_table(
+                ["in", "out", "tokens", "sparsity", "union", "rel err", "dense us", "sparse us",
+                 "speedup", "ideal"],
+                [[r["in"], r["out"], r["tokens"], r["sparsity"], f"{r['union_active']:.2f}",
+                  f"{r['rel_err']:.1e}", f"{r['dense_us']:.1f}", f"{r['sparse_us']:.1f}",
+                  f"{r['speedup']:.2f}", f"{r['ideal']:.2f}"] for r in sec["sparse_linear"]]))
+            parts.append(markdown_table(
+                ["d", "h", "experts", "tokens", "keep", "rel err", "dense us", "expert us",
+                 "speedup"],
+                [[r["d"], r["h"], r["experts"], r["tokens"], r["keep"], f"{r['rel_err']:.1e}",
+                  f"{r['dense_us']:.1f}", f"{r['expert_us']:.1f}", f"{r['speedup']:.2f}"]
+                 for r in sec["expert_ffn"]]))
+        elif name == "early_exit":
+            parts.append(markdown_table(
+                ["model", "budget", "spent", "quality"],
+                [[q["what"], q["budget"], f"{q['spent']:.3f}",
+                  ", ".join(f"{k} {q[k]:.3f}" for k in ("cosine", "accuracy", "agreement")
+                            if k in q)] for q in sec.get("quality", [])]))
+            parts.append(markdown_table(
+                ["model", "tokens", "budget", "spent", "depth", "dense ms", "ms", "paired"],
+                [[r["what"], r["shape"], r["budget"], f"{r['spent']:.3f}", f"{r['depth']:.3f}",
+                  f"{r['dense_ms']:.3f}", f"{r['ms']:.3f}", f"{r['paired']:.3f}"]
+                 for r in sec.get("rows", [])]))
+            parts.append(f"graphs: {sec.get('graphs')}")
+        elif name == "forms":
+            for method, rows in sec.items():
+                if isinstance(rows, dict):
+                    why = rows.get("skipped") or rows["error"].splitlines()[-1]
+                    parts.append(f"{method}: {why}")
+                    continue
+                parts.append(f"{method}: " + "; ".join(
+                    f"budget {r['budget']} spent {r['spent']:.3f} cosine {r['cosine']:.3f} "
+                    f"paired {r['paired']:.3f}" for r in rows))
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":
