@@ -46,6 +46,9 @@ UNFUSED = "checked, none leave, checks unfused"
 PIECES = "pieces, no check"
 
 
+_FAST: dict[tuple[int, bool, bool], dict] = {}
+
+
 class _NoneLeave:
     """Every exit evaluated, no row leaves (patches the runtime for one call); ``fused``
     False: the checks run on their own, not inside the layer pieces; ``checks`` False:
@@ -65,10 +68,15 @@ class _NoneLeave:
         if not self.fused:
             for g in self.rt.graphs:
                 g.checks = None
+        # The straight-line paths the runtime made are for its real plan and cuts: this
+        # variant keeps its own, from one call to the next.
+        self.fast = self.rt._fast
+        self.rt._fast = _FAST.setdefault((id(self.rt), self.fused, self.checks), {})
         assert n > 0
 
     def __exit__(self, *exc: Any) -> None:
         self.rt.plan, self.rt.cut, checks = self.saved
+        self.rt._fast = self.fast
         for g, c in zip(self.rt.graphs, checks):
             g.checks = c
 

@@ -82,7 +82,10 @@ class CheckPiece:
                 prev = torch.zeros((rows, *self.summary_shape), dtype=self.summary_dtype,
                                    device=cut.device)
             args.append(prev)
-        outs = self.fn(*args)
+        return self.unpack(env, self.fn(*args))
+
+    def unpack(self, env: dict[fx.Node, Any], outs: Any) -> CheckResult:
+        """Write the segment's outputs from ``fn``'s ``outs`` into ``env``; the check's."""
         n = len(self.segment.outputs)
         for node, value in zip(self.segment.outputs, outs[:n]):
             env[node] = value

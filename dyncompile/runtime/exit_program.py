@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..passes.pieces import Piece
+from . import exit_fast
 from . import stats as _stats
 
 log = logging.getLogger("dyncompile")
@@ -350,8 +351,13 @@ class ExitRunner:
 
     def __call__(self, *args: Any) -> Any:
         g = self.g
-        env: dict[fx.Node, Any] = dict(zip(g.placeholders, args))
         value = self.state.value
+        if not (self.state.calibrating or self.runtime.recording or value >= 1.0
+                or g.exits < 1) and not g.token_level:
+            threshold = self.runtime.threshold(value)
+            if any(self.runtime.plan(threshold, g.exits)[0]):
+                return self._rows_fast(args, threshold)
+        env: dict[fx.Node, Any] = dict(zip(g.placeholders, args))
         if self.state.calibrating:
             result = self._record_states(env)
         elif self.runtime.recording:
@@ -456,10 +462,83 @@ class ExitRunner:
             return g.checks
         return None
 
+    def _rows_fast(self, args: tuple[Any, ...], threshold: float) -> list[Any]:
+        """Row mode, through the straight-line path (``exit_fast``) for as long as no row
+        leaves, then the generic loop from the exit where one does."""
+        g = self.g
+        fast = self._fast_path(threshold)
+        if fast is None:
+            return self._rows_mode(dict(zip(g.placeholders, args)), threshold)
+        path, adapters, cuts, per_row, checked = fast
+        got = path.fn(args, adapters, cuts)
+        if got[0] == exit_fast.DONE:
+            first = got[2]
+            tokens = self._tokens_per_row(first)
+            spent = per_row.get(tokens)
+            if spent is None:
+                spent = per_row[tokens] = self._spent_all_stay(self._costs(tokens), checked)
+            rows = int(first.shape[0])
+            self._account(spent[0] * rows, rows, rows * (g.exits + 1), spent[1])
+            return list(got[1])
+        k = got[0]
+        return self._rows_mode(dict(zip(path.bail_nodes[k], got[2])), threshold,
+                               resume=(k, got[1]))
+
+    def _fast_path(self, threshold: float) -> tuple[Any, ...] | None:
+        """(straight-line path, adapters per exit, cuts per exit, per-row cost memo, exits
+        checked) for ``threshold``, made once per plan; None where the path does not apply (no fused
+        checks, or a compiled piece not yet checked against its wrappers)."""
+        rt, g = self.runtime, self.g
+        fused = self._fused_checks()
+        if fused is None:
+            return None
+        key = (g, threshold, torch.is_grad_enabled(), id(fused))
+        got = rt._fast.get(key, False)
+        if got is not False:
+            return got
+        fire, checked = rt.plan(threshold, g.exits)
+        pieces = [fused[k] if c else g.segments[k] for k, c in enumerate(checked)]
+        if not exit_fast.ready([p.fn for p in [*pieces, g.segments[-1], g.head]]):
+            return None  # the generic loop runs (and checks) them first
+        path = exit_fast.build(g, fused, checked, self._zeros)
+        if path is None:
+            rt._fast[key] = None
+            return None
+        adapters, cuts = [], []
+        for k in range(1, g.exits + 1):
+            c = fused[k - 1]
+            if not checked[k - 1]:
+                adapters.append(())
+                cuts.append(rt.never)
+                continue
+            adapters.append(rt.adapter_args(k, g.width, c.adapter_dtype, self.mode == POOLED,
+                                            c.adapter_rank))
+            can = fire[k - 1] and (k == 1 or checked[k - 2])
+            cuts.append(rt.cut(k, threshold) if can else rt.never)
+        got = rt._fast[key] = (path, tuple(adapters), tuple(cuts), {}, checked)
+        return got
+
+    def _zeros(self, check: Any, rows: int) -> torch.Tensor:
+        """The previous summary a check takes when the previous exit was not evaluated."""
+        return torch.zeros((rows, *check.summary_shape), dtype=check.summary_dtype,
+                           device=self.runtime.device)
+
+    def _spent_all_stay(self, costs: ExitCosts, checked: list[bool]) -> tuple[float, float]:
+        """(cost per row, head cost) of a call in which every row runs every layer and
+        the exits ``checked`` are evaluated."""
+        g = self.g
+        spent = sum(g.segment_cost) + costs.head + sum(checked) * costs.check
+        if g.signal == CONVERGENCE and checked[0]:
+            spent += costs.first
+        return spent, costs.head
+
     def _rows_mode(self, env: dict[fx.Node, Any], threshold: float,
-                   started: bool = False) -> list[Any]:
+                   started: bool = False, resume: tuple[int, Any] | None = None
+                   ) -> list[Any]:
         """Rows leave the batch at the exit where their quality reaches ``threshold``;
-        ``started``: segment 0 has already run."""
+        ``started``: segment 0 has already run; ``resume``: ``(k, outputs)``, the
+        straight-line path ran the layers up to exit ``k`` (``env`` holds what they made)
+        and exit ``k``'s fused check gave ``outputs``, in which a row leaves."""
         g = self.g
         parts: dict[fx.Node, list[tuple[torch.Tensor, Any]]] = {}
         done: set[fx.Node] = set()
@@ -477,7 +556,15 @@ class ExitRunner:
         for k in range(1, g.exits + 1):
             sig = heads = leave = None
             anyone = False
-            if k > 1 or not started:
+            ran = resume is not None and k < resume[0]  # in the straight line; none left
+            if resume is not None and k == resume[0]:
+                assert fused is not None
+                sig, summ, leave, any_t, heads = fused[k - 1].unpack(env, resume[1])
+                anyone = bool(any_t)
+                heads = heads or None
+            elif ran:
+                pass
+            elif k > 1 or not started:
                 if fused is not None and checked[k - 1]:  # layer k - 1 and exit k's check
                     c = fused[k - 1]
                     adapter = rt.adapter_args(k, g.width, c.adapter_dtype,
@@ -498,7 +585,7 @@ class ExitRunner:
                 costs = self._costs(self._tokens_per_row(b0))
                 if g.signal == CONVERGENCE and checked[0]:
                     spent += costs.first * total
-                    if sig is None:  # the exit-0 reference (fused checks make it in-graph)
+                    if sig is None and not ran:  # the exit-0 reference (else in-graph)
                         prev = _signal(g, self._decide_on(env, 0, env[g.stream[0]], False)[0],
                                        None, False)[1]
             assert costs is not None
@@ -506,6 +593,9 @@ class ExitRunner:
             depth += alive.numel()
             if not checked[k - 1]:  # this exit cannot fire at this threshold, nor the next
                 prev = None
+                continue
+            if ran:
+                spent += costs.check * alive.numel()
                 continue
             raw = env[g.stream[k]]
             if sig is None:

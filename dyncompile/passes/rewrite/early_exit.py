@@ -167,6 +167,9 @@ class ExitRuntime:
         self.pooled_adapters: list[dict[str, torch.Tensor]] = []
         self._cuts: dict[tuple[int, float], torch.Tensor] = {}
         self._mats: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+        # Per (graph, threshold, grad): the straight-line path of a call where no row
+        # leaves (runtime.exit_fast), with the adapters and cuts it takes.
+        self._fast: dict[tuple[Any, ...], Any] = {}
         self.recording = False
         self.graphs: list[ExitGraph] = []  # the cut graphs using this runtime
         self.tune_steps = tune_steps
@@ -344,6 +347,7 @@ class ExitRuntime:
                     a[name] = t.to(self.device)
         self._mats.clear()
         self._cuts.clear()
+        self._fast.clear()
         self._never = None
 
     @property
@@ -379,6 +383,7 @@ class ExitRuntime:
         self._mats.clear()
         self._cuts.clear()
         self._plans.clear()
+        self._fast.clear()
         log.info("early_exit: calibrated %d exits on %d rows", sig.shape[1], sig.shape[0])
 
     def quality(self, k: int, signal: torch.Tensor) -> torch.Tensor:
