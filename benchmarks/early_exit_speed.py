@@ -11,6 +11,8 @@ worst case where every exit is checked and no row leaves ("checked, none
 leave": the overhead of the exit checks and of running in pieces), the same
 with the checks run on their own instead of inside the layer pieces ("checks
 unfused"), the layers run piece by piece with no check ("pieces, no check"),
+the first and the last of these through the runner's generic loop instead of
+its straight-line path (", generic loop"; ``runtime/exit_fast.py``),
 and budgets 0.8 / 0.6 / 0.4, with the spent FLOP fraction and mean depth the
 runtime reports. Also counts the graphs dynamo compiled for the pieces.
 
@@ -36,6 +38,7 @@ from dyncompile.eval.minilm import (
     ClassifierWorkload,
 )
 from dyncompile.eval.timing import device_info, interleaved_samples, paired_speedup
+from dyncompile.runtime.exit_program import ExitRunner
 from dyncompile.runtime.module import call_batch
 from dyncompile.testing.zoo import load_minilm
 
@@ -44,6 +47,7 @@ SHAPES = ((1, 128), (32, 128))
 NONE_LEAVE = "checked, none leave"
 UNFUSED = "checked, none leave, checks unfused"
 PIECES = "pieces, no check"
+GENERIC = ", generic loop"  # the same without the straight-line path (runtime.exit_fast)
 
 
 _FAST: dict[tuple[int, bool, bool], dict] = {}
@@ -52,10 +56,12 @@ _FAST: dict[tuple[int, bool, bool], dict] = {}
 class _NoneLeave:
     """Every exit evaluated, no row leaves (patches the runtime for one call); ``fused``
     False: the checks run on their own, not inside the layer pieces; ``checks`` False:
-    no exit is evaluated but the layers still run piece by piece."""
+    no exit is evaluated but the layers still run piece by piece; ``straight`` False:
+    the runner's generic loop runs every exit, not its straight-line path."""
 
-    def __init__(self, runtime: Any, fused: bool = True, checks: bool = True) -> None:
-        self.rt, self.fused, self.checks = runtime, fused, checks
+    def __init__(self, runtime: Any, fused: bool = True, checks: bool = True,
+                 straight: bool = True) -> None:
+        self.rt, self.fused, self.checks, self.straight = runtime, fused, checks, straight
 
     def __enter__(self) -> None:
         n = len(self.rt.maps)
@@ -72,16 +78,22 @@ class _NoneLeave:
         # variant keeps its own, from one call to the next.
         self.fast = self.rt._fast
         self.rt._fast = _FAST.setdefault((id(self.rt), self.fused, self.checks), {})
+        self.fast_path = ExitRunner._fast_path
+        if not self.straight:
+            ExitRunner._fast_path = lambda runner, threshold: None  # type: ignore[method-assign]
         assert n > 0
 
     def __exit__(self, *exc: Any) -> None:
         self.rt.plan, self.rt.cut, checks = self.saved
         self.rt._fast = self.fast
+        ExitRunner._fast_path = self.fast_path  # type: ignore[method-assign]
         for g, c in zip(self.rt.graphs, checks):
             g.checks = c
 
 
-VARIANTS = {NONE_LEAVE: {}, UNFUSED: {"fused": False}, PIECES: {"checks": False}}
+VARIANTS = {NONE_LEAVE: {}, UNFUSED: {"fused": False}, PIECES: {"checks": False},
+            NONE_LEAVE + GENERIC: {"straight": False},
+            PIECES + GENERIC: {"checks": False, "straight": False}}
 
 
 MODELS = ("minilm", "classifier")
