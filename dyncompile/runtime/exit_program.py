@@ -42,6 +42,13 @@ CONFIDENCE = "confidence"
 CONVERGENCE = "convergence"
 
 
+# Inductor's ``cpp.min_chunk_size`` (work per thread below which a CPU kernel runs
+# serially) for the fused exit checks' graphs; None: Inductor's default. A knob for
+# experiments (benchmarks/exit_check_cost.py): on the 2-core machine under
+# GOMP_SPINCOUNT=0, serial small kernels made each check graph cheaper than the plain
+# layer at one 128-token row, but slightly dearer with OpenMP's default spinning.
+CHECK_MIN_CHUNK: int | None = None
+
 FULL = "full"      # exits run the head on the (adapted) stream
 POOLED = "pooled"  # exits pool first (the head's pooling region), then adapt and finish
 MEAN = "mean"      # the output is the stream itself: decide on its token mean
@@ -157,8 +164,10 @@ class ExitGraph:
                     p.fn = DirectCall(compile_fx(p.module, [_example(n) for n in p.inputs]),
                                       p.module)
                     self.graphs += 1
+            chunk = {} if CHECK_MIN_CHUNK is None else {"cpp.min_chunk_size": CHECK_MIN_CHUNK}
             for c in self.checks or []:
-                c.fn = DirectCall(compile_fx(c.module, self._check_example(c)), c.module)
+                with inductor_config.patch(**chunk):
+                    c.fn = DirectCall(compile_fx(c.module, self._check_example(c)), c.module)
                 self.graphs += 1
         self.compiled = True
 
