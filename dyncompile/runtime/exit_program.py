@@ -359,31 +359,25 @@ class ExitRunner:
     # ------------------------------------------------------------------ entry
 
     def __call__(self, *args: Any) -> Any:
-        g = self.g
+        g, rt = self.g, self.runtime
         value = self.state.value
-        if not (self.state.calibrating or self.runtime.recording or value >= 1.0
-                or g.exits < 1) and not g.token_level:
-            threshold = self.runtime.threshold(value)
-            if any(self.runtime.plan(threshold, g.exits)[0]):
-                return self._rows_fast(args, threshold)
-        env: dict[fx.Node, Any] = dict(zip(g.placeholders, args))
         if self.state.calibrating:
-            result = self._record_states(env)
-        elif self.runtime.recording:
-            result = self._calibrate(env)
-        elif value >= 1.0 or g.exits < 1:
-            result = self._dense(env)
-        elif not any(self.runtime.plan(threshold := self.runtime.threshold(value), g.exits)[0]):
-            result = self._dense(env)
-        elif not g.token_level:
-            result = self._rows_mode(env, threshold)
-        else:
-            first = g.stream[1] if len(g.stream) > 1 else g.stream[-1]
-            g.segments[0].run(env)
-            tokens = env[first].dim() >= 3 and env[first].shape[1] > 1
-            result = (self._tokens(env, threshold) if tokens
-                      else self._rows_mode(env, threshold, started=True))
-        return result
+            return self._record_states(dict(zip(g.placeholders, args)))
+        if rt.recording:
+            return self._calibrate(dict(zip(g.placeholders, args)))
+        if value >= 1.0 or g.exits < 1:
+            return self._dense(dict(zip(g.placeholders, args)))
+        threshold = rt.threshold(value)
+        if not any(rt.plan(threshold, g.exits)[0]):
+            return self._dense(dict(zip(g.placeholders, args)))
+        if not g.token_level:
+            return self._rows_fast(args, threshold)
+        env: dict[fx.Node, Any] = dict(zip(g.placeholders, args))
+        first = g.stream[1] if len(g.stream) > 1 else g.stream[-1]
+        g.segments[0].run(env)
+        tokens = env[first].dim() >= 3 and env[first].shape[1] > 1
+        return (self._tokens(env, threshold) if tokens
+                else self._rows_mode(env, threshold, started=True))
 
     def _outputs(self, env: dict[fx.Node, Any]) -> list[Any]:
         return [env[o] if isinstance(o, fx.Node) else o for o in self.g.outputs]
@@ -495,8 +489,8 @@ class ExitRunner:
 
     def _fast_path(self, threshold: float) -> tuple[Any, ...] | None:
         """(straight-line path, adapters per exit, cuts per exit, per-row cost memo, exits
-        checked) for ``threshold``, made once per plan; None where the path does not apply (no fused
-        checks, or a compiled piece not yet checked against its wrappers)."""
+        checked) for ``threshold``, made once per plan; None where the path does not apply
+        (no fused checks, or a compiled piece not yet checked against its wrappers)."""
         rt, g = self.runtime, self.g
         fused = self._fused_checks()
         if fused is None:
@@ -571,9 +565,7 @@ class ExitRunner:
                 sig, summ, leave, any_t, heads = fused[k - 1].unpack(env, resume[1])
                 anyone = bool(any_t)
                 heads = heads or None
-            elif ran:
-                pass
-            elif k > 1 or not started:
+            elif not ran and (k > 1 or not started):
                 if fused is not None and checked[k - 1]:  # layer k - 1 and exit k's check
                     c = fused[k - 1]
                     adapter = rt.adapter_args(k, g.width, c.adapter_dtype,
