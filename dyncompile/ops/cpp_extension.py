@@ -21,7 +21,10 @@ log = logging.getLogger("dyncompile")
 STALE_LOCK_S = 15 * 60
 
 # C++ helpers shared by the ops' kernels: spliced into a kernel's source after its
-# includes (``<torch/extension.h>`` brings the integer types).
+# includes (``<torch/extension.h>`` brings the integer types). DOT4's ``omp simd``
+# reduction vectorises only when the kernel is built with ``-fopenmp`` or
+# ``-fopenmp-simd``: with the default flags GCC keeps the four sums scalar (a 384x384
+# matrix-vector product measured 39 us warm instead of 10.5 us on the 2-core CPU).
 DOT4 = r"""
 // s[q] = w[q] . x for four weight rows (x loaded once, four independent sums).
 static inline void dot4(const float* const* w, const float* x, int64_t n, float* s) {
