@@ -144,6 +144,21 @@ def _pooled(out: Any) -> Any:
     return out.float().flatten(1, -2).mean(1) if _dims(out) > 2 else out.float()
 
 
+def _reference_mean(out: Proxy, node: fx.Node) -> Proxy:
+    """Exit 1's reference, the exit-0 stream's token mean (``_pooled``), through the
+    serial ``token_mean`` kernel for a float32 [rows, tokens, width] stream on the CPU
+    (inside the check graph Inductor would make the check's tail kernel parallel for
+    it); else as ``_pooled``."""
+    v = node.meta.get("example_value", node.meta.get("val"))
+    if (isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dim() == 3
+            and v.dtype == torch.float32):
+        from ..ops.token_mean.cpu import kernel_available
+
+        if kernel_available():
+            return torch.ops.dyncompile.token_mean(out)
+    return _pooled(out)
+
+
 class _Builder:
     """Copies regions of the traced graph into a new graph, substituting values."""
 
@@ -261,7 +276,7 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
         if takes_prev:
             prev = b.proxy(prev_node)
         elif signal != CONFIDENCE:
-            prev = _pooled(b.proxy(b.have[first]))
+            prev = _reference_mean(b.proxy(b.have[first]), first)
     else:
         vals = head_outputs(state, True)
         out = vals[primary]
