@@ -167,8 +167,8 @@ class ExitRuntime:
         self.pooled_adapters: list[dict[str, torch.Tensor]] = []
         self._cuts: dict[tuple[int, float], torch.Tensor] = {}
         self._mats: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
-        # Per (graph, threshold, grad): the straight-line path of a call where no row
-        # leaves (runtime.exit_fast), with the adapters and cuts it takes.
+        # Per (graph, threshold, grad mode, fused checks): the straight-line path of a
+        # call where no row leaves (runtime.exit_fast), with the adapters and cuts it takes.
         self._fast: dict[tuple[Any, ...], Any] = {}
         self.recording = False
         self.graphs: list[ExitGraph] = []  # the cut graphs using this runtime
