@@ -161,11 +161,14 @@ class ExitGraph:
                       *[p for p in (self.pool, self.post) if p is not None]]
             for p in [*pieces, *([self.whole] if self.whole is not None else [])]:
                 if p.nodes:
-                    p.fn = DirectCall(compile_fx(p.module, [_example(n) for n in p.inputs]),
-                                      p.module)
+                    example = [_example(n) for n in p.inputs]
+                    with inductor_config.patch(size_asserts=not fixed_layouts(p.inputs)):
+                        p.fn = DirectCall(compile_fx(p.module, example), p.module)
                     self.graphs += 1
             chunk = {} if CHECK_MIN_CHUNK is None else {"cpp.min_chunk_size": CHECK_MIN_CHUNK}
             for c in self.checks or []:
+                # The adapter, the cut and the previous summary are made contiguous here.
+                chunk["size_asserts"] = not fixed_layouts(c.inputs)
                 with inductor_config.patch(**chunk):
                     c.fn = DirectCall(compile_fx(c.module, self._check_example(c)), c.module)
                 self.graphs += 1
@@ -196,6 +199,39 @@ class ExitGraph:
 
 def _example(n: fx.Node) -> Any:
     return n.meta.get("example_value", n.meta.get("val"))
+
+
+def row_major(t: torch.Tensor) -> bool:
+    """Whether ``t`` (a real or fake tensor, sizes possibly symbolic) is known to be laid
+    out row-major contiguous for every value of its symbols."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    expected: Any = 1
+    for size, stride in zip(reversed(t.shape), reversed(t.stride())):
+        if not (statically_known_true(size == 1) or statically_known_true(stride == expected)):
+            return False
+        expected = expected * size
+    return True
+
+
+def fixed_layouts(inputs: list[fx.Node]) -> bool:
+    """Whether a piece reading these graph values can be compiled without Inductor's
+    per-call input checks (``size_asserts``; at one 128-token row their Python cost was
+    about 1% of the forward over a model's pieces).
+
+    Dynamo's guards check the graph's own inputs (parameters among them) and Inductor
+    gives a piece's outputs the strides the traced graph had (``keep_output_stride``).
+    What else a piece reads the runner makes: rows selected out of a batch
+    (:func:`select_rows`, which keeps the stride order), a frozen or adapted stream,
+    zeros. Those come out row-major when the value they replace was, so the checks are
+    left out only where every value that is not a parameter is row-major."""
+    from ..passes.graph_utils import is_param
+
+    for n in inputs:
+        v = _example(n)
+        if isinstance(v, torch.Tensor) and not is_param(n) and not row_major(v):
+            return False
+    return True
 
 
 def _signal(g: ExitGraph, out: torch.Tensor, prev: torch.Tensor | None,

@@ -11,6 +11,7 @@ from dyncompile.passes.detect import detect_blocks
 from dyncompile.passes.rewrite.early_exit import EarlyExitForm, fit_affine
 from dyncompile.runtime.budget import BudgetState
 from dyncompile.runtime.exit_fit import QualityMap, ThresholdCurve, exit_layers, isotonic
+from dyncompile.runtime.exit_program import fixed_layouts, row_major
 from dyncompile.runtime.module import call_batch
 from dyncompile.testing import assert_matches_dense, compare_outputs
 from dyncompile.testing.zoo import ZOO
@@ -237,6 +238,52 @@ def test_no_recompile_across_budgets_under_inductor():
     compare_outputs(direct, wrapped, atol=0.0, rtol=0.0)
     assert opt.stats.ratio("exit_depth") < 1.0
     compare_outputs(outs[1.0], call_batch(model, x), atol=1e-4)
+    # Pieces whose inputs are all row-major (or parameters) were compiled without
+    # Inductor's per-call input checks; the rows that stayed, selected out of the batch,
+    # still get what each gets alone.
+    pieces = [(p, fn) for g in graphs for p in [*g.segments, g.head, g.whole, *g.checks]
+              for fn in [p.fn] if getattr(fn, "inner", None) is not None]
+    lean = [fn for p, fn in pieces if fixed_layouts(p.inputs)]
+    assert lean and all(_size_asserts(fn) == 0 for fn in lean)
+    assert all(_size_asserts(fn) > 0 for p, fn in pieces if not fixed_layouts(p.inputs))
+    with torch.no_grad(), dyncompile.budget(0.3):
+        for i in (0, 5):
+            alone = opt(**{k: v[i:i + 1] for k, v in y.items()})
+            for a, b in zip(direct.to_tuple(), alone.to_tuple()):
+                torch.testing.assert_close(a[i:i + 1], b, atol=1e-5, rtol=1e-5)
+
+
+def _size_asserts(fn) -> int:
+    """How many input checks the generated code of a compiled piece makes per call."""
+    import inspect
+
+    with open(inspect.getsourcefile(fn.inner)) as f:
+        return f.read().count("assert_size_stride(")
+
+
+def test_row_major_layouts_with_symbolic_sizes():
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
+
+    assert row_major(torch.empty(3, 4, 5))
+    assert row_major(torch.empty(1, 4, 5).as_strided((1, 4, 5), (999, 5, 1)))  # size-1 dim
+    assert not row_major(torch.empty(4, 3).t())
+    assert not row_major(torch.empty(4, 1).expand(4, 6))
+    assert not row_major(torch.empty(4, 8)[:, :6])               # a padded row
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 3)
+    y, wide = (mode.from_tensor(torch.empty(3, 7, w), source=ConstantSource(f"x{w}"),
+                                symbolic_context=dynamic) for w in (8, 16))
+    assert all(isinstance(d, torch.SymInt) for d in y.shape)     # every size a symbol
+    with mode:
+        assert row_major(y)
+        assert not row_major(y.transpose(0, 1))
+        assert not row_major(wide[..., :8])
 
 
 def test_save_and_load_restore_the_same_exits(tmp_path):
