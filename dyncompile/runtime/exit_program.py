@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..passes.graph_utils import is_param
 from ..passes.pieces import Piece
 from . import exit_fast
 from . import stats as _stats
@@ -167,7 +168,8 @@ class ExitGraph:
                     self.graphs += 1
             chunk = {} if CHECK_MIN_CHUNK is None else {"cpp.min_chunk_size": CHECK_MIN_CHUNK}
             for c in self.checks or []:
-                # The adapter, the cut and the previous summary are made contiguous here.
+                # Its other inputs (adapter, cut, previous summary) the runtime makes
+                # contiguous.
                 chunk["size_asserts"] = not fixed_layouts(c.inputs)
                 with inductor_config.patch(**chunk):
                     c.fn = DirectCall(compile_fx(c.module, self._check_example(c)), c.module)
@@ -225,8 +227,6 @@ def fixed_layouts(inputs: list[fx.Node]) -> bool:
     (:func:`select_rows`, which keeps the stride order), a frozen or adapted stream,
     zeros. Those come out row-major when the value they replace was, so the checks are
     left out only where every value that is not a parameter is row-major."""
-    from ..passes.graph_utils import is_param
-
     for n in inputs:
         v = _example(n)
         if isinstance(v, torch.Tensor) and not is_param(n) and not row_major(v):
