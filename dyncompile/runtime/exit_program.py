@@ -162,16 +162,15 @@ class ExitGraph:
                       *[p for p in (self.pool, self.post) if p is not None]]
             for p in [*pieces, *([self.whole] if self.whole is not None else [])]:
                 if p.nodes:
-                    example = [_example(n) for n in p.inputs]
                     with inductor_config.patch(size_asserts=not fixed_layouts(p.inputs)):
-                        p.fn = DirectCall(compile_fx(p.module, example), p.module)
+                        p.fn = DirectCall(compile_fx(p.module, [_example(n) for n in p.inputs]),
+                                          p.module)
                     self.graphs += 1
             chunk = {} if CHECK_MIN_CHUNK is None else {"cpp.min_chunk_size": CHECK_MIN_CHUNK}
             for c in self.checks or []:
                 # Its other inputs (adapter, cut, previous summary) the runtime makes
                 # contiguous.
-                chunk["size_asserts"] = not fixed_layouts(c.inputs)
-                with inductor_config.patch(**chunk):
+                with inductor_config.patch(size_asserts=not fixed_layouts(c.inputs), **chunk):
                     c.fn = DirectCall(compile_fx(c.module, self._check_example(c)), c.module)
                 self.graphs += 1
         self.compiled = True
