@@ -19,6 +19,9 @@ runtime reports. Also counts the graphs dynamo compiled for the pieces.
 ``--options`` compares early-exit settings in the same rounds: a
 comma-separated list of ``key=value+key=value`` form options (``default``: none),
 e.g. ``--options default,adapter_rank=32``; each gets its own rows.
+``--models bert_cls`` times HF's BERT classifier on MiniLM's encoder (its
+classification layer untrained: speed rows only), e.g. with
+``--options default,adapter_fold=none``.
 
     python benchmarks/early_exit_speed.py [--repeats 20] [--shapes 1x128,32x128]
         [--models minilm,classifier] [--options default] [--json PATH]
@@ -40,7 +43,7 @@ from dyncompile.eval.minilm import (
 from dyncompile.eval.timing import device_info, interleaved_samples, paired_speedup
 from dyncompile.runtime.exit_program import ExitRunner
 from dyncompile.runtime.module import call_batch
-from dyncompile.testing.zoo import load_minilm
+from dyncompile.testing.zoo import load_minilm, minilm_path
 
 BUDGETS = (0.8, 0.6, 0.4)
 SHAPES = ((1, 128), (32, 128))
@@ -97,10 +100,23 @@ VARIANTS = {NONE_LEAVE: {}, UNFUSED: {"fused": False}, PIECES: {"checks": False}
 
 
 MODELS = ("minilm", "classifier")
+# Timed on request only: HF's BERT classifier on MiniLM's encoder, its classification
+# layer untrained (8 labels, seed 0): the pooler's linear reads the first token, so the
+# exit adapter folds into it (passes/exit_checks.head_linear). Its exits decide on an
+# untrained head, so only its speed rows mean anything.
+EXTRA_MODELS = ("bert_cls",)
 
 
 def _model(what: str) -> torch.nn.Module:
-    return load_minilm().eval() if what == "minilm" else ClassifierWorkload().model
+    if what == "minilm":
+        return load_minilm().eval()
+    if what == "bert_cls":
+        import transformers
+
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification.from_pretrained(
+            minilm_path(), num_labels=8).eval()
+    return ClassifierWorkload().model
 
 
 def parse_options(spec: str) -> dict[str, dict[str, Any]]:
@@ -190,9 +206,10 @@ def main() -> None:
     args = ap.parse_args()
     shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
     models = tuple(args.models.split(","))
-    unknown = set(models) - set(MODELS)
+    unknown = set(models) - set(MODELS) - set(EXTRA_MODELS)
     if unknown:
-        ap.error(f"unknown model(s) {sorted(unknown)}; choose from {list(MODELS)}")
+        ap.error(f"unknown model(s) {sorted(unknown)}; choose from "
+                 f"{list(MODELS) + list(EXTRA_MODELS)}")
     res = run(args.repeats, shapes, models, parse_options(args.options))
     finish(res, args.json, table(res),
            f"graphs compiled (dynamo graphs, dense and dyn; Inductor pieces of the cut "

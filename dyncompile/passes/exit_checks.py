@@ -12,7 +12,10 @@ graph that also computes exit ``k``'s check from the state it has just made:
 - POOLED: the head's pooling region on the state, the adapter on the pooled
   rows (bias scaled by the pooling of an all-ones stream), the rest of the
   head, then the confidence (max softmax, less one where the prediction changed
-  since the previous exit) or the cosine of the pooled outputs.
+  since the previous exit) or the cosine of the pooled outputs. Where the head
+  reads its pooled rows with one linear only (a BERT pooler, a classifier's
+  dense layer), the adapter folds into it: ``W (A p + s b) = (W A) p + s (W b)``,
+  so the check takes ``(W A, W b)`` and makes one matrix product instead of two.
 
 The graph also decides: a row leaves when its signal reaches the cut (the
 signal at which the exit's calibrated quality reaches the budget's threshold),
@@ -38,6 +41,7 @@ from torch import fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ..runtime.exit_program import CONFIDENCE, MEAN, POOLED
+from .linears import match_linear
 from .pieces import Piece
 
 
@@ -48,7 +52,9 @@ class CheckPiece:
     pooled output), which rows leave (``signal >= cut``), whether any does, and, POOLED,
     the head's outputs (``heads``) for the rows that leave. ``adapter`` is ``(w, b)``
     (affine, ``x @ w.T + b``) or, with ``adapter_rank`` r, ``(u, vt, b)`` (identity plus
-    rank r: ``x + (x @ vt.T) @ u.T + b``, a fraction of the bytes to read)."""
+    rank r: ``x + (x @ vt.T) @ u.T + b``, a fraction of the bytes to read). With ``fold``
+    (the weight ``W`` of the linear that alone reads the head's pooled rows) the adapter
+    is folded into that linear: ``adapter`` is ``(W @ w, W @ b)``, whatever the rank."""
 
     exit: int
     segment: Piece
@@ -60,6 +66,7 @@ class CheckPiece:
     adapter_dtype: torch.dtype       # what the adapter's tensors must be in
     module: fx.GraphModule
     adapter_rank: int | None = None  # None: a full affine adapter (w, b); r: (u, vt, b)
+    fold: torch.Tensor | None = None  # the head linear's weight the adapter folds into
     fn: Callable[..., Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -67,6 +74,9 @@ class CheckPiece:
 
     def adapter_shapes(self, width: int) -> list[tuple[int, ...]]:
         """Shapes of the adapter tensors ``fn`` takes, for a stream of ``width``."""
+        if self.fold is not None:
+            out = int(self.fold.shape[0])
+            return [(out, width), (out,)]
         r = self.adapter_rank
         return [(width, width), (width,)] if r is None else [(width, r), (r, width), (width,)]
 
@@ -193,6 +203,22 @@ class _Builder:
     def proxy(self, node: fx.Node) -> Proxy:
         return Proxy(node, self.tracer)
 
+    def get(self, node: fx.Node) -> fx.Node:
+        """The new graph's value of ``node``: a placeholder or copy made, or an attribute."""
+        if node not in self.have and node.op == "get_attr":
+            self.have[node] = self.graph.node_copy(node, lambda u: self.have[u])
+        return self.have[node]
+
+    def drop_unused_inputs(self) -> None:
+        """Remove the placeholders of copied values that nothing reads (the weight of a
+        linear the adapter was folded into)."""
+        for node in list(self.inputs):
+            ph = self.have[node]
+            if not ph.users:
+                self.graph.erase_node(ph)
+                self.inputs.remove(node)
+                del self.have[node]
+
 
 def _outside(nodes: Iterable[fx.Node], known: set[fx.Node]) -> list[fx.Node]:
     """Values ``nodes`` read that are neither among them nor ``known`` (nor attributes)."""
@@ -211,17 +237,41 @@ def _meta_dims(node: fx.Node, source: fx.Node) -> None:
         node.meta["ndim"] = v.dim()
 
 
+def head_linear(pool: Piece, post: Piece, param: Callable[[fx.Node], torch.Tensor | None]
+                ) -> tuple[fx.Node, torch.Tensor] | None:
+    """The linear that is the only reader of the head's one pooled value (``F.linear(p, W,
+    bias)``), with its weight ``W`` (``param``: the parameter behind a weight node); None
+    when the head reads its pooled rows otherwise."""
+    if len(pool.outputs) != 1:
+        return None
+    o = pool.outputs[0]
+    users = list(o.users)
+    if len(users) != 1 or users[0] not in set(post.nodes):
+        return None
+    site = match_linear(users[0])
+    if site is None or site.layout != "out_in" or site.x is not o or site.output is not site.node:
+        return None
+    w = param(site.weight)
+    return (site.node, w) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+
+
 def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, mode: str,
                 primary: fx.Node, pool: Piece | None = None, post: Piece | None = None,
-                adapter_rank: int | None = None) -> CheckPiece:
+                adapter_rank: int | None = None,
+                param: Callable[[fx.Node], torch.Tensor | None] | None = None) -> CheckPiece:
     """Segment ``exit - 1`` fused with exit ``exit``'s check (``mode`` MEAN or POOLED);
-    ``adapter_rank``: the exit adapters are identity plus rank r (else full affine)."""
+    ``adapter_rank``: the exit adapters are identity plus rank r (else full affine);
+    ``param``: the parameter behind a weight node, to fold the adapter into the head's
+    first linear where that alone reads the pooled rows (POOLED)."""
     if mode not in (MEAN, POOLED):
         raise ValueError(f"exit checks fuse only for {MEAN!r} or {POOLED!r} exits")
     if mode == POOLED and (pool is None or post is None):
         raise ValueError("a pooled exit check needs the head's pool and post pieces")
     gm = segment.module if not segment.nodes else segment.nodes[0].graph.owning_module
     assert gm is not None
+    fold = head_linear(pool, post, param) if mode == POOLED and param is not None else None
+    if fold is not None:
+        adapter_rank = None  # the folded adapter is one full matrix whatever its rank
     b = _Builder()
     f, state, first = stream[-1], stream[exit], stream[0]
     head_nodes = [*(pool.nodes if pool else []), *(post.nodes if post else [])]
@@ -253,13 +303,26 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
         assert pool is not None and post is not None
         got = b.copy(pool.nodes, {f: b.have[at]})
         pooled = {o: got.get(o, b.have.get(o)) for o in pool.outputs}
+        folded: dict[fx.Node, fx.Node] = {}
         if adapted:
             ones = torch.ones_like(b.proxy(b.have[at]))
             got1 = b.copy(pool.nodes, {f: ones.node})
             for o in pool.outputs:
                 scale = b.proxy(got1.get(o, b.have.get(o)))
-                pooled[o] = (adapt(b.proxy(pooled[o])) + bias * scale).node
-        done = b.copy(post.nodes, {**pooled, f: b.have[at]})
+                if fold is None:
+                    pooled[o] = (adapt(b.proxy(pooled[o])) + bias * scale).node
+                    continue
+                # The pooling of ones is the same on every channel (the runtime checked
+                # that pooling commutes with a channel map): one column scales W @ b.
+                lin = fold[0]
+                y = F.linear(b.proxy(pooled[o]), b.proxy(mats[0])) + bias * scale[..., :1]
+                site = match_linear(lin)
+                assert site is not None
+                if site.bias is not None:
+                    y = y + b.proxy(b.get(site.bias))
+                folded[lin] = y.node
+        done = b.copy([n for n in post.nodes if n not in folded],
+                      {**pooled, **folded, f: b.have[at]})
         vals = {}
         for o in post.outputs:
             node = done.get(o, pooled.get(o, b.have.get(o)))
@@ -291,6 +354,7 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
     leave = sig >= b.proxy(cut_node)
     b.graph.output(tuple([*[b.have[o] for o in segment.outputs], sig.node, summ.node,
                           leave.node, leave.any().node, *[v.node for v in head_vals]]))
+    b.drop_unused_inputs()
     module = fx.GraphModule(gm, b.graph, class_name=f"Check_{exit}")
     if signal == CONFIDENCE:
         shape, dtype = (), torch.long
@@ -303,4 +367,5 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
         else sv.dtype
     return CheckPiece(exit=exit, segment=segment, inputs=b.inputs, heads=heads,
                       takes_prev=takes_prev, summary_shape=shape, summary_dtype=dtype,
-                      adapter_dtype=adapter_dtype, module=module, adapter_rank=adapter_rank)
+                      adapter_dtype=adapter_dtype, module=module, adapter_rank=adapter_rank,
+                      fold=None if fold is None else fold[1])

@@ -550,7 +550,7 @@ class ExitRunner:
                 cuts.append(rt.never)
                 continue
             adapters.append(rt.adapter_args(k, g.width, c.adapter_dtype, self.mode == POOLED,
-                                            c.adapter_rank))
+                                            c.adapter_rank, c.fold))
             can = fire[k - 1] and (k == 1 or checked[k - 2])
             cuts.append(rt.cut(k, threshold) if can else rt.never)
         got = rt._fast[key] = (path, tuple(adapters), tuple(cuts), {}, checked)
@@ -604,7 +604,7 @@ class ExitRunner:
                 if fused is not None and checked[k - 1]:  # layer k - 1 and exit k's check
                     c = fused[k - 1]
                     adapter = rt.adapter_args(k, g.width, c.adapter_dtype,
-                                              self.mode == POOLED, c.adapter_rank)
+                                              self.mode == POOLED, c.adapter_rank, c.fold)
                     # No reference (k > 1, previous exit unchecked): the exit cannot fire.
                     can = fire[k - 1] and (prev is not None or k == 1)
                     cut = rt.cut(k, threshold) if can else rt.never

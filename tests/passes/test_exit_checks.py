@@ -4,11 +4,13 @@ signal cut agrees with the quality map."""
 
 import pytest
 import torch
+import transformers
 
 import dyncompile
 from dyncompile.ops.token_mean.cpu import kernel_available as token_mean_available
+from dyncompile.passes.exit_checks import build_check
 from dyncompile.runtime.exit_fit import QualityMap
-from tests.passes.test_early_exit import _bert, _ids, _plan
+from tests.passes.test_early_exit import SMALL, _bert, _ids, _plan
 from tests.passes.test_exit_pooling import PooledClassifier, _cal, _masked, _ops
 
 
@@ -75,6 +77,46 @@ def test_pooled_check_fused_graph_pools_adapts_and_runs_the_head():
     assert c.heads == g.post.outputs and c.takes_prev
 
 
+def _bert_classifier():
+    """HF's BERT classifier: the head reads the first token through a linear (the pooler)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(**SMALL, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def test_pooled_check_folds_the_adapter_into_the_heads_first_linear():
+    model = _bert_classifier()
+    gm, g, _ = _plan(model, _masked(2, 6, 0))
+    assert g.checks_mode == "pooled" and g.signal == "confidence"
+    pooler = model.bert.pooler.dense.weight
+    for c in g.checks:
+        assert c.fold is pooler and c.adapter_rank is None
+        assert c.adapter_shapes(g.width) == [(pooler.shape[0], g.width), (pooler.shape[0],)]
+    c = g.checks[1]
+    plain = build_check(2, g.segments[1], g.stream, g.signal, "pooled", g.primary, g.pool,
+                        g.post)
+    assert plain.fold is None
+    # The folded check: the same ops, but the adapter and the pooler's linear are one
+    # product (the bias scale read as one column, the pooler's bias added on its own).
+    before, after = _added(plain), _added(c)
+    assert before.count("linear") == after.count("linear") + 1 == 3
+    before.remove("linear")  # the adapter's product
+    after.remove("getitem")  # the scale's first column
+    after.remove("add")      # the pooler's own bias
+    assert after == before
+    # The pooler's weight is no longer an input of the check.
+    assert [n for n in plain.inputs if n not in c.inputs] == [_head_weight(g)]
+    # adapter_fold="none" keeps the two products.
+    _, kept, _ = _plan(model, _masked(2, 6, 0), adapter_fold="none")
+    assert all(c.fold is None for c in kept.checks)
+    assert _added(kept.checks[1]).count("linear") == 3
+
+
+def _head_weight(g):
+    lin = next(u for u in g.pool.outputs[0].users)
+    return lin.args[1] if len(lin.args) > 1 else lin.kwargs["weight"]
+
+
 def _run(opt, x, fused: bool):
     rt = opt.state.forms["early_exit"]
     saved = [(g, g.checks) for g in rt.graphs]
@@ -87,8 +129,9 @@ def _run(opt, x, fused: bool):
             for b in (0.3, 0.5, 0.8):
                 with dyncompile.budget(b):
                     y = opt(**x)
-                out[b] = (y if isinstance(y, torch.Tensor) else y.last_hidden_state,
-                          opt.stats.fraction, opt.stats.ratio("exit_depth") or 1.0)
+                if not isinstance(y, torch.Tensor):
+                    y = y.logits if hasattr(y, "logits") else y.last_hidden_state
+                out[b] = (y, opt.stats.fraction, opt.stats.ratio("exit_depth") or 1.0)
         return out
     finally:
         for g, checks in saved:
@@ -96,18 +139,24 @@ def _run(opt, x, fused: bool):
 
 
 @pytest.mark.parametrize("which,rank", [("mean", None), ("pooled", None), ("mean", 4),
-                                        ("pooled", 4)])
+                                        ("pooled", 4), ("folded", None), ("folded", 4)])
 def test_fused_checks_give_the_same_exits_and_outputs(which, rank):
     if which == "mean":
         model, cal, x = _bert(), [_ids(8, 8, s) for s in range(4)], _ids(9, 8, 5)
-    else:
+    elif which == "pooled":
         model, cal, x = PooledClassifier("mean").eval(), _cal(), _masked(9, 8, 5)
+    else:
+        model, cal, x = _bert_classifier(), _cal(), _masked(9, 8, 5)
     opts = {"early_exit": {"adapter_rank": rank}} if rank else {}
     opt = dyncompile.optimize(model, methods=["early_exit"], calibration=cal,
                               compiler="eager", form_options=opts)
     rt = opt.state.forms["early_exit"]
-    assert all(g.checks_mode == which for g in rt.graphs)
-    assert all(c.adapter_rank == rank for g in rt.graphs for c in g.checks)
+    assert all(g.checks_mode == ("pooled" if which == "folded" else which)
+               for g in rt.graphs)
+    checks = [c for g in rt.graphs for c in g.checks]
+    # A folded check takes one full matrix whatever the adapters' rank.
+    assert all((c.fold is not None) == (which == "folded") for c in checks)
+    assert all(c.adapter_rank == (None if which == "folded" else rank) for c in checks)
     if rank:
         assert all("u" in a and a["u"].shape[1] == rank for a in rt.adapters)
     calls = []
@@ -140,3 +189,4 @@ def test_signal_cut_agrees_with_the_quality_map():
         assert bool(agree.all()) or bool(((probe - cut).abs()[~agree] < 1e-5).all())
     assert m.cut(float(m.values.min()) - 1) == float("-inf")
     assert m.cut(float(m.values.max()) + 1e-3) == float("inf")
+

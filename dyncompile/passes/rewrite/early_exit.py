@@ -24,6 +24,7 @@ compiled on its own, so rows can leave the batch between layers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import networkx as nx
@@ -58,6 +59,7 @@ from ..linears import LinearSite
 from ..pieces import build_piece
 from ..pooling import find_pooling, live_nodes
 from . import register_form
+from .weights import Weights
 
 log = logging.getLogger("dyncompile")
 
@@ -238,19 +240,26 @@ class ExitRuntime:
         return state + torch.nn.functional.linear(low, a["u"].to(dt)) + b
 
     def adapter_args(self, k: int, width: int, dtype: torch.dtype, pooled: bool = False,
-                     rank: int | None = None) -> tuple[torch.Tensor, ...]:
+                     rank: int | None = None, fold: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, ...]:
         """Exit ``k``'s adapter as the fused exit checks take it, in ``dtype``: ``(w, b)``
         with ``adapt(state) == F.linear(state, w) + b`` (no bias scale; the identity
         without adapters), or with ``rank`` (the checks were built for low-rank
-        adapters) ``(u, vt, b)``, the adapter's own factors."""
-        key = (k, pooled, dtype, width, rank)
+        adapters) ``(u, vt, b)``, the adapter's own factors; with ``fold`` (the weight
+        ``W`` of the head linear the checks fold the adapter into) ``(W @ w, W @ b)``."""
+        key = (k, pooled, dtype, width, rank) if fold is None else \
+            (k, pooled, dtype, width, id(fold), fold._version, fold.device)
         got = self._mats.get(key)
         if got is None:
             a = None
             if self.adapters:
                 a = (self.pooled_adapters or self.adapters)[k - 1] if pooled \
                     else self.adapters[k - 1]
-            if rank is not None:
+            if fold is not None:
+                w, b = self.adapter_args(k, width, torch.float64, pooled)
+                f = fold.detach().to(w.device, torch.float64)
+                parts = (f @ w, f @ b)
+            elif rank is not None:
                 if a is None or "u" not in a or a["u"].shape[1] != rank:
                     raise RuntimeError(f"early_exit: the exit checks take rank-{rank} "
                                        "adapters, but the fitted adapters differ")
@@ -596,7 +605,8 @@ class EarlyExitForm(Pass):
     version = "1"
     options: dict[str, Any] = {"adapter": ("affine", "none"), "adapter_rank": positive_int,
                                "signal_from": ("adapted", "raw"), "tune_steps": _non_negative,
-                               "adapter_fit": ("pooled", "tokens")}
+                               "adapter_fit": ("pooled", "tokens"),
+                               "adapter_fold": ("head", "none")}
     runtime = ExitRuntime
     dynamic_batch = True
 
@@ -732,13 +742,16 @@ class EarlyExitForm(Pass):
         opts = ctx.config.form_options.get(self.name, {})
         rank = low_rank(opts.get("adapter_rank"), eg.width) \
             if opts.get("adapter", "affine") == "affine" else None
-        _fuse_checks(eg, rank)
+        fold = opts.get("adapter_fold", "head") == "head"
+        _fuse_checks(eg, rank, Weights(gm, ctx, convert=False).param if fold else None)
         return eg
 
 
-def _fuse_checks(g: ExitGraph, rank: int | None = None) -> None:
+def _fuse_checks(g: ExitGraph, rank: int | None = None,
+                 param: Callable[[fx.Node], torch.Tensor | None] | None = None) -> None:
     """Give ``g`` its layer pieces fused with the exit checks, where a check reads one
-    pooled row per sample (``passes.exit_checks``); ``rank``: the adapters' low rank."""
+    pooled row per sample (``passes.exit_checks``); ``rank``: the adapters' low rank;
+    ``param``: the parameter behind a weight node (to fold adapters into the head)."""
     if g.token_level:
         return
     if g.pool is not None:
@@ -749,7 +762,7 @@ def _fuse_checks(g: ExitGraph, rank: int | None = None) -> None:
         return
     try:
         g.checks = [build_check(k, g.segments[k - 1], g.stream, g.signal, mode, g.primary,
-                                g.pool, g.post, rank) for k in range(1, g.exits + 1)]
+                                g.pool, g.post, rank, param) for k in range(1, g.exits + 1)]
         g.checks_mode = mode
     except Exception as e:  # a graph the builder cannot copy: checks stay unfused
         log.info("early_exit: exit checks not fused into the layer pieces (%s)", e)
