@@ -162,9 +162,10 @@ class ExitGraph:
                       *[p for p in (self.pool, self.post) if p is not None]]
             for p in [*pieces, *([self.whole] if self.whole is not None else [])]:
                 if p.nodes:
-                    with inductor_config.patch(size_asserts=not fixed_layouts(p.inputs)):
-                        p.fn = DirectCall(compile_fx(p.module, [_example(n) for n in p.inputs]),
-                                          p.module)
+                    example = self._piece_example(p)
+                    with inductor_config.patch(size_asserts=not fixed_layouts(p.inputs,
+                                                                              example)):
+                        p.fn = DirectCall(compile_fx(p.module, example), p.module)
                     self.graphs += 1
             chunk = {} if CHECK_MIN_CHUNK is None else {"cpp.min_chunk_size": CHECK_MIN_CHUNK}
             for c in self.checks or []:
@@ -174,6 +175,16 @@ class ExitGraph:
                     c.fn = DirectCall(compile_fx(c.module, self._check_example(c)), c.module)
                 self.graphs += 1
         self.compiled = True
+
+    def _piece_example(self, p: Piece) -> list[Any]:
+        """Example inputs of a piece: the fake values dynamo recorded, except that the post
+        piece reads its pooled values row-major (``_post_at`` hands them over so: adapted
+        rows are new tensors, where the traced value could be a view such as the first
+        token's row of the stream)."""
+        pooled = set(self.pool.outputs) if p is self.post and self.pool is not None else set()
+        example = [_example(n) for n in p.inputs]
+        return [v.contiguous() if n in pooled and isinstance(v, torch.Tensor) else v
+                for n, v in zip(p.inputs, example)]
 
     def _check_example(self, c: Any) -> list[Any]:
         """Example inputs of a fused check: its graph values', then fake adapter weights,
@@ -215,7 +226,7 @@ def row_major(t: torch.Tensor) -> bool:
     return True
 
 
-def fixed_layouts(inputs: list[fx.Node]) -> bool:
+def fixed_layouts(inputs: list[fx.Node], example: list[Any] | None = None) -> bool:
     """Whether a piece reading these graph values can be compiled without Inductor's
     per-call input checks (``size_asserts``; at one 128-token row their Python cost was
     about 1% of the forward over a model's pieces).
@@ -225,9 +236,10 @@ def fixed_layouts(inputs: list[fx.Node]) -> bool:
     What else a piece reads the runner makes: rows selected out of a batch
     (:func:`select_rows`, which keeps the stride order), a frozen or adapted stream,
     zeros. Those come out row-major when the value they replace was, so the checks are
-    left out only where every value that is not a parameter is row-major."""
-    for n in inputs:
-        v = _example(n)
+    left out only where every value that is not a parameter is row-major (``example``:
+    the values the piece is compiled for, if not those dynamo recorded)."""
+    example = [_example(n) for n in inputs] if example is None else example
+    for n, v in zip(inputs, example):
         if isinstance(v, torch.Tensor) and not is_param(n) and not row_major(v):
             return False
     return True
@@ -280,7 +292,8 @@ def _post_at(g: ExitGraph, env: dict[fx.Node, Any], pooled: list[torch.Tensor],
     vals = dict(zip(g.pool.outputs, pooled))
     if not g.post.nodes:
         return {o: vals[o] if o in vals else env[o] for o in g.post.outputs}
-    outs = g.post.fn(*[vals[n] if n in vals else (state if n is f else env[n])
+    # Row-major, as the post piece was compiled for (``ExitGraph._piece_example``).
+    outs = g.post.fn(*[vals[n].contiguous() if n in vals else (state if n is f else env[n])
                        for n in g.post.inputs])
     return dict(zip(g.post.outputs, outs))
 

@@ -10,7 +10,7 @@ import dyncompile
 from dyncompile.ops.token_mean.cpu import kernel_available as token_mean_available
 from dyncompile.passes.exit_checks import build_check
 from dyncompile.runtime.exit_fit import QualityMap
-from tests.passes.test_early_exit import SMALL, _bert, _ids, _plan
+from tests.passes.test_early_exit import SMALL, _bert, _ids, _plan, _size_asserts
 from tests.passes.test_exit_pooling import PooledClassifier, _cal, _masked, _ops
 
 
@@ -190,3 +190,24 @@ def test_signal_cut_agrees_with_the_quality_map():
     assert m.cut(float(m.values.min()) - 1) == float("-inf")
     assert m.cut(float(m.values.max()) + 1e-3) == float("inf")
 
+
+def test_folded_checks_and_the_pooled_head_under_inductor():
+    """HF's BERT classifier compiled by Inductor: the head's pooled value is the first
+    token's row, a view of the stream when traced, but the post piece also reads adapted
+    rows (new tensors), so it is compiled for row-major ones."""
+    model = _bert_classifier()
+    opt = dyncompile.optimize(model, methods=["early_exit"], calibration=_cal())
+    rt = opt.state.forms["early_exit"]
+    x = _masked(9, 8, 5)
+    with torch.no_grad(), dyncompile.budget(1.0):
+        torch.testing.assert_close(opt(**x).logits, model(**x).logits, atol=1e-4, rtol=1e-4)
+    assert all(g.compiled and g.checks_mode == "pooled" and all(c.fold is not None
+                                                                for c in g.checks)
+               for g in rt.graphs)
+    fused, plain = _run(opt, x, True), _run(opt, x, False)
+    for b in fused:
+        torch.testing.assert_close(fused[b][0], plain[b][0], atol=1e-5, rtol=1e-5)
+        assert fused[b][1:] == pytest.approx(plain[b][1:], rel=1e-6)
+    assert min(f[2] for f in fused.values()) < 1.0  # rows left: the post piece ran on them
+    posts = [g.post.fn for g in rt.graphs if getattr(g.post.fn, "inner", None) is not None]
+    assert posts and all(_size_asserts(fn) == 0 for fn in posts)
