@@ -183,7 +183,9 @@ class ExitGraph:
         token's row of the stream)."""
         pooled = set(self.pool.outputs) if p is self.post and self.pool is not None else set()
         example = [_example(n) for n in p.inputs]
-        return [v.contiguous() if n in pooled and isinstance(v, torch.Tensor) else v
+        # new_empty, not contiguous(): a view with one row counts as contiguous whatever
+        # its strides, and Inductor cannot bind a size seen only in a stride.
+        return [v.new_empty(v.shape) if n in pooled and isinstance(v, torch.Tensor) else v
                 for n, v in zip(p.inputs, example)]
 
     def _check_example(self, c: Any) -> list[Any]:
