@@ -101,9 +101,9 @@ VARIANTS = {NONE_LEAVE: {}, UNFUSED: {"fused": False}, PIECES: {"checks": False}
 
 MODELS = ("minilm", "classifier")
 # Timed on request only: HF's BERT classifier on MiniLM's encoder and pooler, its
-# classification layer untrained (8 labels, seed 0): the pooler's linear reads the first token, so the
-# exit adapter folds into it (passes/exit_checks.head_linear). Its exits decide on an
-# untrained head, so only its speed rows mean anything.
+# classification layer untrained (8 labels, seed 0): the pooler's linear reads the
+# first token, so the exit adapter folds into it (passes/exit_checks.head_linear). Its
+# exits decide on an untrained head, so only its speed rows mean anything.
 EXTRA_MODELS = ("bert_cls",)
 
 
