@@ -41,7 +41,7 @@ from torch import fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from ..runtime.exit_program import CONFIDENCE, MEAN, POOLED
-from .linears import match_linear
+from .linears import LinearSite, match_linear
 from .pieces import Piece
 
 
@@ -238,7 +238,7 @@ def _meta_dims(node: fx.Node, source: fx.Node) -> None:
 
 
 def head_linear(pool: Piece, post: Piece, param: Callable[[fx.Node], torch.Tensor | None]
-                ) -> tuple[fx.Node, torch.Tensor] | None:
+                ) -> tuple[LinearSite, torch.Tensor] | None:
     """The linear that is the only reader of the head's one pooled value (``F.linear(p, W,
     bias)``), with its weight ``W`` (``param``: the parameter behind a weight node); None
     when the head reads its pooled rows otherwise."""
@@ -252,7 +252,7 @@ def head_linear(pool: Piece, post: Piece, param: Callable[[fx.Node], torch.Tenso
     if site is None or site.layout != "out_in" or site.x is not o or site.output is not site.node:
         return None
     w = param(site.weight)
-    return (site.node, w) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+    return (site, w) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
 
 
 def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, mode: str,
@@ -314,13 +314,11 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
                     continue
                 # The pooling of ones is the same on every channel (the runtime checked
                 # that pooling commutes with a channel map): one column scales W @ b.
-                lin = fold[0]
+                site = fold[0]
                 y = F.linear(b.proxy(pooled[o]), b.proxy(mats[0])) + bias * scale[..., :1]
-                site = match_linear(lin)
-                assert site is not None
                 if site.bias is not None:
                     y = y + b.proxy(b.get(site.bias))
-                folded[lin] = y.node
+                folded[site.node] = y.node
         done = b.copy([n for n in post.nodes if n not in folded],
                       {**pooled, **folded, f: b.have[at]})
         vals = {}
