@@ -1,9 +1,11 @@
 """C++ CPU kernels built on first use with ``torch.utils.cpp_extension.load_inline``.
 
-Each op's ``cpu.py`` declares one ``InlineExtension``; the build happens once
+Each op's ``cpu.py`` declares one ``InlineExtension`` on the C++ file beside it
+(``ops/<op>/<op>.cpp``, read when the kernel is first loaded); the build happens once
 per process (cached on disk after the first time), and if no compiler is
 available a warning is logged once and ``load()`` returns None so the op takes
-its torch path.
+its torch path. Helpers shared by several kernels live in ``ops/common.h``: this
+folder is on every kernel's include path, so a kernel writes ``#include "common.h"``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from types import ModuleType
 
 log = logging.getLogger("dyncompile")
@@ -20,32 +23,20 @@ log = logging.getLogger("dyncompile")
 # in well under a minute): left in place, every later load would wait on it forever.
 STALE_LOCK_S = 15 * 60
 
-# C++ helpers shared by the ops' kernels: spliced into a kernel's source after its
-# includes (``<torch/extension.h>`` brings the integer types). DOT4's ``omp simd``
-# reduction vectorises only when the kernel is built with ``-fopenmp`` or
-# ``-fopenmp-simd``: with the default flags GCC keeps the four sums scalar (a 384x384
-# matrix-vector product measured 39 us warm instead of 10.5 us on the 2-core CPU).
-DOT4 = r"""
-// s[q] = w[q] . x for four weight rows (x loaded once, four independent sums).
-static inline void dot4(const float* const* w, const float* x, int64_t n, float* s) {
-  const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-  #pragma omp simd reduction(+:s0, s1, s2, s3)
-  for (int64_t i = 0; i < n; ++i) {
-    const float xi = x[i];
-    s0 += w0[i] * xi; s1 += w1[i] * xi; s2 += w2[i] * xi; s3 += w3[i] * xi;
-  }
-  s[0] = s0; s[1] = s1; s[2] = s2; s[3] = s3;
-}
-"""
+# The folder of ``common.h``, put on every kernel's include path.
+INCLUDE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class InlineExtension:
-    """A lazily built C++ extension: ``load()`` gives the module or None."""
+    """A lazily built C++ extension from the source file ``path``: ``load()`` gives the
+    module or None. ``defines`` become ``#define NAME VALUE`` lines ahead of the file's
+    text (constants the Python side owns)."""
 
-    def __init__(self, name: str, source: str, functions: list[str],
-                 cflags: tuple[str, ...] = ("-O3", "-march=native")) -> None:
-        self.name, self.source, self.functions, self.cflags = name, source, functions, cflags
+    def __init__(self, name: str, path: str | os.PathLike[str], functions: list[str],
+                 cflags: tuple[str, ...] = ("-O3", "-march=native"),
+                 defines: Mapping[str, object] | None = None) -> None:
+        self.name, self.path, self.functions, self.cflags = name, os.fspath(path), functions, cflags
+        self.defines = dict(defines or {})
         self._lock = threading.Lock()
         self._module: ModuleType | None = None
         self._failed = False
@@ -61,8 +52,9 @@ class InlineExtension:
                     clear_stale_lock(self.name)
                     os.environ.setdefault("MAX_JOBS", "2")
                     self._module = load_inline(
-                        name=self.name, cpp_sources=[self.source], functions=self.functions,
-                        extra_cflags=list(self.cflags), verbose=False)
+                        name=self.name, cpp_sources=[self.source()], functions=self.functions,
+                        extra_cflags=list(self.cflags), extra_include_paths=[INCLUDE_DIR],
+                        verbose=False)
                 except Exception as e:  # noqa: BLE001  (no compiler: the op's torch path)
                     log.warning("dyncompile: C++ kernel %s unavailable (%s); using the torch "
                                 "path", self.name, e)
@@ -71,6 +63,12 @@ class InlineExtension:
 
     def available(self) -> bool:
         return self.load() is not None
+
+    def source(self) -> str:
+        """The C++ handed to ``load_inline``: the ``defines``, then the file's text."""
+        with open(self.path, encoding="utf-8") as f:
+            text = f.read()
+        return "".join(f"#define {k} {v}\n" for k, v in self.defines.items()) + text
 
 
 def clear_stale_lock(name: str, max_age_s: float = STALE_LOCK_S) -> bool:
