@@ -16,15 +16,11 @@ its straight-line path (", generic loop"; ``runtime/exit_fast.py``),
 and budgets 0.8 / 0.6 / 0.4, with the spent FLOP fraction and mean depth the
 runtime reports. Also counts the graphs dynamo compiled for the pieces.
 
-``--options`` compares early-exit settings in the same rounds: a
-comma-separated list of ``key=value+key=value`` form options (``default``: none),
-e.g. ``--options default,adapter_rank=32``; each gets its own rows.
 ``--models bert_cls`` times HF's BERT classifier on MiniLM's encoder (its
-classification layer untrained: speed rows only), e.g. with
-``--options default,adapter_fold=none``.
+classification layer untrained: speed rows only).
 
     python benchmarks/early_exit_speed.py [--repeats 20] [--shapes 1x128,32x128]
-        [--models minilm,classifier] [--options default] [--json PATH]
+        [--models minilm,classifier] [--json PATH]
 """
 
 from __future__ import annotations
@@ -41,8 +37,8 @@ from dyncompile.eval.minilm import (
     ClassifierWorkload,
 )
 from dyncompile.eval.timing import device_info, interleaved_samples, paired_speedup
-from dyncompile.runtime.exit_program import ExitRunner
-from dyncompile.runtime.module import call_batch
+from dyncompile.forms.early_exit.program import ExitRunner
+from dyncompile.module import call_batch
 from dyncompile.testing.zoo import load_minilm, minilm_path
 
 BUDGETS = (0.8, 0.6, 0.4)
@@ -119,22 +115,7 @@ def _model(what: str) -> torch.nn.Module:
     return ClassifierWorkload().model
 
 
-def parse_options(spec: str) -> dict[str, dict[str, Any]]:
-    """``"default,adapter_rank=32+adapter_fit=tokens"`` -> {label: early_exit options}."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in spec.split(","):
-        opts: dict[str, Any] = {}
-        if item != "default":
-            for kv in item.split("+"):
-                key, _, value = kv.partition("=")
-                opts[key] = int(value) if value.lstrip("-").isdigit() else value
-        out[item] = opts
-    return out
-
-
-def run(repeats: int, shapes: tuple = SHAPES, models: tuple = MODELS,
-        options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    options = options or {"default": {}}
+def run(repeats: int, shapes: tuple = SHAPES, models: tuple = MODELS) -> dict[str, Any]:
     cal, timing = minilm_batches(shapes)
     rows: list[dict[str, Any]] = []
     graphs: dict[str, int] = {}
@@ -142,18 +123,14 @@ def run(repeats: int, shapes: tuple = SHAPES, models: tuple = MODELS,
         model = _model(what)
         dense = torch.compile(model)
         before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        opts = {name: dyncompile.optimize(model, methods=["early_exit"], calibration=cal,
-                                          form_options={"early_exit": o} if o else None)
-                for name, o in options.items()}
-        points = [(name, b) for name in opts for b in (1.0, *VARIANTS, *BUDGETS)]
+        opt = dyncompile.optimize(model, methods=["early_exit"], calibration=cal)
+        runtime = opt.state.forms["early_exit"]
+        points = (1.0, *VARIANTS, *BUDGETS)
         for label, batch in timing.items():
             reps = repeats if label.startswith("1x") else max(8, repeats // 2)
             fns = {"dense": lambda b=batch, d=dense: call_batch(d, b)}
             info: dict[str, tuple[float, float]] = {}
-            for name, b in points:
-                opt = opts[name]
-                runtime = opt.state.forms["early_exit"]
-
+            for b in points:
                 def call(b: Any = b, batch: Any = batch, opt: Any = opt,
                          runtime: Any = runtime) -> Any:
                     if b in VARIANTS:
@@ -164,32 +141,31 @@ def run(repeats: int, shapes: tuple = SHAPES, models: tuple = MODELS,
                 with torch.no_grad():
                     call()
                     call()
-                key = f"{name}:{b}"
+                key = str(b)
                 info[key] = (opt.stats.fraction, opt.stats.ratio("exit_depth") or 1.0)
                 fns[key] = call
             with torch.no_grad():
                 samples = interleaved_samples(fns, repeats=reps, warmup=2)
             t = {k: statistics.median(v) for k, v in samples.items()}
-            for name, b in points:
-                key = f"{name}:{b}"
+            for b in points:
+                key = str(b)
                 spent, depth = info[key]
-                rows.append({"what": what, "options": name, "shape": label, "budget": b,
+                rows.append({"what": what, "shape": label, "budget": b,
                              "spent": spent, "depth": depth, "dense_ms": 1e3 * t["dense"],
                              "ms": 1e3 * t[key], "speedup": t["dense"] / t[key],
                              "paired": paired_speedup(samples, "dense", key)})
                 print(rows[-1], flush=True)
         graphs[what] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
-        graphs[f"{what} pieces"] = sum(g.graphs for o in opts.values()
-                                       for g in o.state.forms["early_exit"].graphs)
-    return {"meta": {**device_info(), "repeats": repeats, "options": options}, "rows": rows,
+        graphs[f"{what} pieces"] = sum(g.graphs for g in runtime.graphs)
+    return {"meta": {**device_info(), "repeats": repeats}, "rows": rows,
             "graphs_compiled": graphs}
 
 
 def table(res: dict[str, Any]) -> str:
     return markdown_table(
-        ["model", "options", "tokens", "budget", "FLOPs spent", "mean depth", "dense ms",
+        ["model", "tokens", "budget", "FLOPs spent", "mean depth", "dense ms",
          "early_exit ms", "speedup", "paired speedup"],
-        [[r["what"], r.get("options", "default"), r["shape"], r["budget"], f"{r['spent']:.3f}",
+        [[r["what"], r["shape"], r["budget"], f"{r['spent']:.3f}",
           f"{r['depth']:.3f}", f"{r['dense_ms']:.2f}", f"{r['ms']:.2f}", f"{r['speedup']:.2f}",
           f"{r['paired']:.3f}"]
          for r in res["rows"]])
@@ -200,8 +176,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--shapes", default="1x128,32x128")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--options", default="default",
-                    help="early_exit form options to compare, e.g. default,adapter_rank=32")
     ap.add_argument("--json", default="benchmarks/results/early_exit_speed.json")
     args = ap.parse_args()
     shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
@@ -210,7 +184,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown model(s) {sorted(unknown)}; choose from "
                  f"{list(MODELS) + list(EXTRA_MODELS)}")
-    res = run(args.repeats, shapes, models, parse_options(args.options))
+    res = run(args.repeats, shapes, models)
     finish(res, args.json, table(res),
            f"graphs compiled (dynamo graphs, dense and dyn; Inductor pieces of the cut "
            f"graphs): {res['graphs_compiled']}")

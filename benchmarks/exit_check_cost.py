@@ -8,12 +8,8 @@ same inputs, each call preceded by the last layer's piece so that the caches
 hold what they hold between two layers. Reports medians and the median of
 paired differences per exit.
 
-``--check-min-chunk N`` compiles the fused checks with Inductor's
-``cpp.min_chunk_size = N`` (``exit_program.CHECK_MIN_CHUNK``): kernels with
-less work per thread than N run serially.
-
     python benchmarks/exit_check_cost.py [--model minilm] [--rounds 200]
-        [--check-min-chunk N] [--json PATH]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -29,9 +25,9 @@ from early_exit_speed import _model, _NoneLeave
 
 import dyncompile
 from dyncompile.eval.timing import device_info
-from dyncompile.runtime import exit_program
-from dyncompile.runtime.direct_call import DirectCall
-from dyncompile.runtime.module import call_batch
+from dyncompile.forms.early_exit import program as exit_program
+from dyncompile.module import call_batch
+from dyncompile.program.direct_call import DirectCall
 
 
 def _calls(opt: Any, runtime: Any, batch: Any, **variant: Any) -> list[tuple[Any, tuple]]:
@@ -54,9 +50,8 @@ def _calls(opt: Any, runtime: Any, batch: Any, **variant: Any) -> list[tuple[Any
     return calls
 
 
-def run(model_name: str, rounds: int, min_chunk: int | None) -> dict[str, Any]:
+def run(model_name: str, rounds: int) -> dict[str, Any]:
     torch.set_num_threads(2)
-    exit_program.CHECK_MIN_CHUNK = min_chunk
     cal, timing = minilm_batches(((1, 128),))
     batch = timing["1x128"]
     opt = dyncompile.optimize(_model(model_name), methods=["early_exit"], calibration=cal)
@@ -85,8 +80,7 @@ def run(model_name: str, rounds: int, min_chunk: int | None) -> dict[str, Any]:
         rows.append({"exit": k, "plain_us": 1e6 * statistics.median(p),
                      "check_us": 1e6 * statistics.median(c),
                      "extra_us": 1e6 * statistics.median([b - a for a, b in zip(p, c)])})
-    return {"meta": {**device_info(), "model": model_name, "rounds": rounds,
-                     "check_min_chunk": min_chunk}, "rows": rows}
+    return {"meta": {**device_info(), "model": model_name, "rounds": rounds}, "rows": rows}
 
 
 def table(res: dict[str, Any]) -> str:
@@ -101,10 +95,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm", choices=["minilm", "classifier"])
     ap.add_argument("--rounds", type=int, default=200)
-    ap.add_argument("--check-min-chunk", type=int, default=None)
     ap.add_argument("--json", default="benchmarks/results/exit_check_cost.json")
     args = ap.parse_args()
-    res = run(args.model, args.rounds, args.check_min_chunk)
+    res = run(args.model, args.rounds)
     finish(res, args.json, table(res))
 
 

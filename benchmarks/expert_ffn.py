@@ -22,11 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import dyncompile.ops.expert_ffn.op  # noqa: F401  (registers the op)
+import dyncompile.forms.expert.ops  # noqa: F401  (registers the op)
+from dyncompile.core import stats
 from dyncompile.eval.timing import device_info, time_interleaved
 from dyncompile.ops.expert_ffn.cpu import expert_ffn_cpu, kernel_available
 from dyncompile.ops.expert_ffn.reference import expert_ffn_reference
-from dyncompile.runtime import stats
 
 SHAPES = [(384, 1536), (768, 3072)]
 EXPERTS = [16, 32]

@@ -28,7 +28,7 @@ from torch import nn
 
 import dyncompile
 from dyncompile.eval.timing import device_info, interleaved_samples, paired_speedup
-from dyncompile.runtime.module import call_batch
+from dyncompile.module import call_batch
 from dyncompile.testing.zoo import load_minilm
 
 BUDGETS = (0.75, 0.5, 0.25)

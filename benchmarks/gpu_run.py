@@ -117,7 +117,7 @@ LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096)]
 
 
 def section_kernels(out: Path, rounds: int) -> dict[str, Any]:
-    import dyncompile.ops.expert_ffn.op  # noqa: F401
+    import dyncompile.forms.expert.ops  # noqa: F401
     import dyncompile.ops.sparse_linear.op  # noqa: F401
     from dyncompile.ops.expert_ffn.reference import expert_ffn_reference
     from dyncompile.ops.sparse_linear.reference import sparse_linear_reference

@@ -7,12 +7,11 @@
 """
 
 from .api import InspectReport, inspect, optimize
-from .config import DynConfig, known_methods
-from .errors import TraceError
-from .runtime.budget import budget
-from .runtime.module import DynModule
-from .runtime.persist import load
-from .runtime.stats import CallStats, compile_count, last_call
+from .core.budget import budget
+from .core.config import DynConfig, known_methods
+from .core.errors import TraceError
+from .core.stats import CallStats, compile_count, last_call
+from .module import DynModule, load
 
 __version__ = "0.1.0"
 

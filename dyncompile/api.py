@@ -10,12 +10,12 @@ import sympy
 import torch
 from torch import nn
 
-from .config import DynConfig, validate_budget, validate_methods
-from .errors import trace_error
+from .core.config import DynConfig, validate_budget, validate_methods
+from .core.errors import trace_error
+from .module import DynModule, call_batch
 from .passes.blocks import Block, evaluate
 from .passes.cost import bind_sizes
 from .passes.detect import BlockSet, detect_blocks
-from .runtime.module import DynModule, call_batch
 
 
 def optimize(model: nn.Module, budget: float = 1.0, methods: Iterable[str] | str | None = None,
@@ -125,7 +125,7 @@ def inspect(model: nn.Module, example_inputs: Any, *, symbolic: bool = True) -> 
         with torch.no_grad():
             call_batch(compiled, example_inputs)
     except Exception as e:
-        from .runtime.module import _is_dynamo_error
+        from .module import _is_dynamo_error
 
         if _is_dynamo_error(e):
             raise trace_error(model, e) from e

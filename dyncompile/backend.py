@@ -14,11 +14,11 @@ import sympy
 import torch
 from torch import fx
 
-from .config import DynConfig
+from .core import stats as _stats
+from .core.budget import BudgetState
+from .core.config import DynConfig
 from .passes.cost import size_symbols
 from .passes.manager import PassContext, PassManager, Snapshot
-from .runtime import stats as _stats
-from .runtime.budget import BudgetState
 
 log = logging.getLogger("dyncompile")
 
@@ -86,7 +86,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
         state.finalize_calibration()
 
         def run_at(value: float) -> None:
-            from .runtime.budget import budget
+            from .core.budget import budget
 
             with torch.no_grad(), budget(value):
                 state.sync()

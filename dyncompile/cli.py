@@ -35,7 +35,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import DynConfig, known_methods
+    from .core.config import DynConfig, known_methods
     from .eval import report
     from .eval.registry import workload_names
     from .eval.sweep import parse_method, run_sweep, save

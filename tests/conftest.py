@@ -21,7 +21,7 @@ def _fresh_dynamo():
 
 def capture_graphs(model, inputs, fn=None):
     """Trace model with dynamo; call fn(gm, example_inputs) on each graph; return results."""
-    from dyncompile.runtime.module import call_batch
+    from dyncompile.module import call_batch
 
     out = []
 

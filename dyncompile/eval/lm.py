@@ -180,11 +180,6 @@ def training_documents(seed: int = 0) -> tuple[str, ...]:
     return tuple(docs)
 
 
-def training_stream(seed: int = 0) -> torch.Tensor:
-    """All training documents as one int64 token stream ``BOS doc EOS BOS doc EOS ...``."""
-    return _training_stream(seed).clone()
-
-
 @functools.lru_cache(maxsize=4)
 def _training_stream(seed: int) -> torch.Tensor:
     return _stream(training_documents(seed))

@@ -13,8 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import optimize
-from ..runtime.budget import budget as budget_ctx
-from ..runtime.module import call_batch
+from ..core.budget import budget as budget_ctx
+from ..module import call_batch
 from .registry import make_workload
 from .timing import device_info, time_interleaved
 from .workload import Workload

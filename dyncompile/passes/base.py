@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import fx
 
-from ..config import DynConfig
+from ..core.config import DynConfig
+from ..core.options import NoOptions, build_options
 from .detect import BlockSet
 
 
@@ -29,25 +30,17 @@ class PassContext:
     program: Any = None
 
 
-def positive_int(value: Any) -> str | None:
-    """Option rule: a positive int, or None for the default."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        return None
-    return "must be a positive int"
-
-
 class Pass:
-    """A graph pass: ``name``, ``version`` and ``run(gm, ctx)``.
+    """A graph pass: ``name`` and ``run(gm, ctx)``.
 
-    ``uuid()`` feeds Inductor's FX graph cache key, so a change of pass version
-    or options never reuses a stale compiled graph.
+    A form is a Pass registered with ``dyncompile.core.registry.register_form``; its
+    ``Options`` dataclass lists what ``form_options={name: {...}}`` may set
+    (``dyncompile.core.options``), checked when the config is built.
     """
 
     name: str = "pass"
-    version: str = "1"
-    #: A form's options: a tuple of allowed values (first = default), a function
-    #: returning a complaint (or None) for a value, or None (anything); checked by DynConfig.
-    options: dict[str, Any] = {}
+    #: A form's options: a frozen dataclass whose fields use ``choice`` / ``checked``.
+    Options: type = NoOptions
     #: A form's run-time data class (thresholds, routers...): ``runtime()`` builds an empty
     #: one, ``export()`` / ``restore(tensors, meta, model)`` save and load it.
     runtime: type | None = None
@@ -58,8 +51,10 @@ class Pass:
     def __init__(self, config: DynConfig) -> None:
         self.config = config
 
+    @classmethod
+    def parse_options(cls, raw: Any) -> Any:
+        """``form_options[name]`` as this form's ``Options`` (ValueError if not allowed)."""
+        return build_options(cls.Options, cls.name, raw)
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:  # pragma: no cover
         raise NotImplementedError
-
-    def uuid(self) -> str:
-        return f"{self.name}:{self.version}:{self.config.uuid()}"

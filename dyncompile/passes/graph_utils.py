@@ -278,12 +278,6 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def is_getitem_of_split(node: fx.Node) -> bool:
-    return op_kind(node) == "getitem" and isinstance(node.args[0], fx.Node) and (
-        op_kind(node.args[0]) == "split" or isinstance(node_value(node.args[0]), (tuple, list))
-    )
-
-
 # ---------------------------------------------------------------------------
 # networkx view
 

@@ -40,10 +40,6 @@ class LinearSite:
         return param_name(self.weight)
 
     @property
-    def bias_name(self) -> str:
-        return param_name(self.bias) if self.bias is not None else ""
-
-    @property
     def module_path(self) -> str:
         name = self.weight_name
         return name.rsplit(".", 1)[0] if "." in name else name

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass
 
 from torch import fx
 
-from ..config import DynConfig
+from ..core.config import DynConfig
+from ..core.registry import forms
 from .base import Pass, PassContext
 from .detect import detect_blocks
 from .graph_utils import op_kind
@@ -63,15 +63,10 @@ class PassManager:
 
     @classmethod
     def from_config(cls, config: DynConfig) -> PassManager:
-        from .rewrite import FORMS  # forms import Pass from .base; keep this import lazy
-
+        registry = forms()
         passes: list[Pass] = [NormalizePass(config), DetectPass(config)]
-        passes += [FORMS[m](config) for m in config.methods]
+        passes += [registry[m](config) for m in config.methods]
         return cls(passes)
-
-    def uuid(self) -> str:
-        blob = "|".join(p.uuid() for p in self.passes)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def run(self, gm: fx.GraphModule, ctx: PassContext,
             capture: list[Snapshot] | None = None) -> fx.GraphModule:

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ..runtime.budget import budget as budget_ctx
-from ..runtime.module import call_batch
-from ..runtime.stats import compile_count
+from ..core.budget import budget as budget_ctx
+from ..core.stats import compile_count
+from ..module import call_batch
 
 __all__ = ["assert_compute_falls", "assert_matches_dense", "assert_no_recompile",
            "capture_passes", "compare_outputs", "flatten_outputs"]
@@ -70,7 +70,7 @@ def assert_matches_dense(model: torch.nn.Module, optimized: Callable, inputs: An
 def _spent(optimized: Any) -> float:
     stats = getattr(optimized, "stats", None)
     if stats is None:
-        from ..runtime.stats import last_call
+        from ..core.stats import last_call
 
         stats = last_call()
     return stats.fraction
@@ -122,10 +122,10 @@ def capture_passes(model: torch.nn.Module, inputs: Any, **options: Any) -> list:
     (``after == "input"``) and after each pass, with its code and op counts.
     ``options`` are the backend's (``methods=[...]``, ``form_options=...``).
     """
-    from ..config import DynConfig
+    from ..core.budget import BudgetState
+    from ..core.config import DynConfig
     from ..passes.base import PassContext
     from ..passes.manager import PassManager
-    from ..runtime.budget import BudgetState
 
     config = DynConfig.from_options({"compiler": "eager", **options})
     graphs: list = []

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dyncompile.ops.cats_glu import op as _op  # noqa: F401
+import dyncompile.forms.gated.ops  # noqa: F401  (registers the op)
+from dyncompile.core import stats
+from dyncompile.core.budget import BudgetState
+from dyncompile.forms.gated.rewrite import GatedRuntime
 from dyncompile.ops.cats_glu.cpu import cats_glu_cpu, kernel_available
 from dyncompile.ops.cats_glu.reference import cats_glu_reference
-from dyncompile.passes.rewrite.gated import GatedRuntime
-from dyncompile.runtime import stats
-from dyncompile.runtime.budget import BudgetState
 
 op = torch.ops.dyncompile.cats_glu
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dyncompile.ops.expert_ffn.op  # noqa: F401  (registers the op)
+import dyncompile.forms.expert.ops  # noqa: F401  (registers the op)
+from dyncompile.core import stats
 from dyncompile.ops.expert_ffn import cpu
 from dyncompile.ops.expert_ffn.cpu import PATHS, choose_path, expert_ffn_cpu, kernel_available
 from dyncompile.ops.expert_ffn.reference import (
@@ -17,7 +18,6 @@ from dyncompile.ops.expert_ffn.reference import (
     expert_ffn_reference,
     expert_widths,
 )
-from dyncompile.runtime import stats
 
 op = torch.ops.dyncompile.expert_ffn
 

@@ -4,12 +4,12 @@ runs every expert at budget 1.0, routes below it; opcheck."""
 import pytest
 import torch
 
+import dyncompile.forms.expert.ops  # noqa: F401  (registers the op)
+from dyncompile.core.budget import BudgetState
+from dyncompile.forms.expert.fit import Router, compute_curve, select
+from dyncompile.forms.expert.rewrite import ExpertRuntime, ExpertSite
 from dyncompile.ops.expert_route import cpu
-from dyncompile.ops.expert_route import op as _op  # noqa: F401  (registers the op)
 from dyncompile.ops.expert_route.cpu import kernel_available, route_mask, router_scores
-from dyncompile.passes.rewrite.expert import ExpertRuntime, ExpertSite
-from dyncompile.runtime.budget import BudgetState
-from dyncompile.runtime.expert_fit import Router, compute_curve, select
 
 op = torch.ops.dyncompile.expert_route
 

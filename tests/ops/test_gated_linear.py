@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import dyncompile
-from dyncompile.ops.gated_linear import op as _op  # noqa: F401
+import dyncompile.forms.gated.ops  # noqa: F401  (registers the op)
+from dyncompile.core.budget import BudgetState
+from dyncompile.forms.gated.calibration import interpolate
+from dyncompile.forms.gated.rewrite import LEVELS, GatedRuntime
 from dyncompile.ops.sparse_linear.reference import sparse_linear_reference
-from dyncompile.passes.rewrite.gated import LEVELS, GatedRuntime
-from dyncompile.runtime.budget import BudgetState
-from dyncompile.runtime.calibration import interpolate
 
 op = torch.ops.dyncompile.gated_linear
 
@@ -78,3 +78,26 @@ def test_budget_context_reaches_the_op(state):
     state.sync()
     assert not torch.allclose(half, x @ wt)
     torch.testing.assert_close(op(x, wt, None, state.id, "s"), x @ wt, atol=1e-5, rtol=1e-5)
+
+
+def test_reports_skipped_flops_and_active_channels(state):
+    from dyncompile.core import stats
+    from dyncompile.ops.sparse_linear.reference import active_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 200, generator=g)
+    wt = torch.randn(200, 50, generator=g)
+    _calibrate(state, torch.randn(64, 200, generator=g), wt)
+    with dyncompile.budget(0.5):
+        state.sync()
+        thr = state.forms["gated"].threshold("s", 0.5)
+        token = stats.begin_call(0.5)
+        stats.record_graph(2.0 * 200 * 50, 0.5)
+        y = op(x, wt, None, state.id, "s")
+        s = stats.end_call(token)
+    k = len(active_rows(x, thr))
+    assert 0 < k < 200
+    torch.testing.assert_close(y, sparse_linear_reference(x, wt, None, thr), atol=1e-4,
+                               rtol=1e-4)
+    assert s.spent_flops == pytest.approx(2.0 * k * 50)
+    assert s.ratio("active_channels") == pytest.approx(k / 200)

@@ -6,13 +6,13 @@ import torch
 import transformers
 
 import dyncompile
+from dyncompile.core.budget import BudgetState
+from dyncompile.forms.early_exit.fit import QualityMap, ThresholdCurve, exit_layers, isotonic
+from dyncompile.forms.early_exit.program import fixed_layouts, row_major
+from dyncompile.forms.early_exit.rewrite import EarlyExitForm, fit_affine
+from dyncompile.module import call_batch
 from dyncompile.passes.base import PassContext
 from dyncompile.passes.detect import detect_blocks
-from dyncompile.passes.rewrite.early_exit import EarlyExitForm, fit_affine
-from dyncompile.runtime.budget import BudgetState
-from dyncompile.runtime.exit_fit import QualityMap, ThresholdCurve, exit_layers, isotonic
-from dyncompile.runtime.exit_program import fixed_layouts, row_major
-from dyncompile.runtime.module import call_batch
 from dyncompile.testing import assert_matches_dense, compare_outputs
 from dyncompile.testing.zoo import ZOO
 from tests.conftest import capture_graphs
@@ -38,9 +38,8 @@ def _ids(batch, seq, seed=0):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _plan(model, inputs, **options):
-    cfg = dyncompile.DynConfig(methods=("early_exit",),
-                               form_options={"early_exit": options} if options else {})
+def _plan(model, inputs):
+    cfg = dyncompile.DynConfig(methods=("early_exit",))
 
     def plan(gm, example):
         ctx = PassContext(config=cfg, example_inputs=example,
@@ -343,15 +342,11 @@ def test_decoder_generate_under_inductor():
     assert opt.stats.ratio("exit_depth") < 1.0
 
 
-def test_adapters_tuned_through_the_head_move_towards_the_final_output():
-    model = _bert()
-    cal = [_ids(8, 8, s) for s in range(3)]
-    plain = _optimized(model, cal)
-    tuned = _optimized(model, cal, form_options={"early_exit": {"tune_steps": 30}})
-    a = plain.state.forms["early_exit"].adapters
-    b = tuned.state.forms["early_exit"].adapters
-    assert len(a) == len(b) == 3
-    assert all(not torch.equal(x["w"], y["w"]) for x, y in zip(a, b))
-    with pytest.raises(ValueError, match="tune_steps"):
+@pytest.mark.parametrize("option,value", [
+    ("adapter", "none"), ("adapter_rank", 32), ("signal_from", "raw"), ("tune_steps", 30),
+    ("adapter_fit", "tokens"), ("adapter_fold", "none")])
+def test_removed_options_are_rejected(option, value):
+    """The form takes no options: the settings that lost their ablations are gone."""
+    with pytest.raises(ValueError, match=f"unknown early_exit option '{option}'"):
         dyncompile.DynConfig(methods=("early_exit",),
-                             form_options={"early_exit": {"tune_steps": -1}})
+                             form_options={"early_exit": {option: value}})

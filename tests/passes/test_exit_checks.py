@@ -7,9 +7,9 @@ import torch
 import transformers
 
 import dyncompile
+from dyncompile.forms.early_exit.checks import build_check
+from dyncompile.forms.early_exit.fit import QualityMap
 from dyncompile.ops.token_mean.cpu import kernel_available as token_mean_available
-from dyncompile.passes.exit_checks import build_check
-from dyncompile.runtime.exit_fit import QualityMap
 from tests.passes.test_early_exit import SMALL, _bert, _ids, _plan, _size_asserts
 from tests.passes.test_exit_pooling import PooledClassifier, _cal, _masked, _ops
 
@@ -46,22 +46,6 @@ def test_mean_check_fused_graph_is_segment_plus_token_mean_adapter_and_cosine():
     assert len(names) == len(second.inputs) + 4
 
 
-def test_low_rank_check_reads_the_adapter_factors():
-    gm, g, _ = _plan(_bert(), _ids(2, 6, 0), adapter_rank=4)
-    assert g.checks_mode == "mean"
-    c = g.checks[1]
-    assert c.adapter_rank == 4
-    # Identity plus rank 4: the mean, two thin linears and the skip, not one square map.
-    assert _added(c) == sorted(["flatten", "float", "mean", "float", "linear", "linear",
-                                "add", "add", "cosine_similarity", "ge", "any"])
-    names = [n.name for n in c.module.graph.nodes if n.op == "placeholder"]
-    assert names[-5:] == ["adapter_u", "adapter_vt", "adapter_b", "cut", "prev"]
-    assert c.adapter_shapes(g.width) == [(g.width, 4), (4, g.width), (g.width,)]
-    # A rank that would not be cheaper than the full map is fitted (and checked) full.
-    _, full, _ = _plan(_bert(), _ids(2, 6, 0), adapter_rank=g.width // 2)
-    assert full.checks[1].adapter_rank is None
-
-
 def test_pooled_check_fused_graph_pools_adapts_and_runs_the_head():
     gm, g, _ = _plan(PooledClassifier("mean").eval(), _masked(2, 6, 0))
     assert g.checks_mode == "pooled"
@@ -90,7 +74,7 @@ def test_pooled_check_folds_the_adapter_into_the_heads_first_linear():
     assert g.checks_mode == "pooled" and g.signal == "confidence"
     pooler = model.bert.pooler.dense.weight
     for c in g.checks:
-        assert c.fold is pooler and c.adapter_rank is None
+        assert c.fold is pooler
         assert c.adapter_shapes(g.width) == [(pooler.shape[0], g.width), (pooler.shape[0],)]
     c = g.checks[1]
     plain = build_check(2, g.segments[1], g.stream, g.signal, "pooled", g.primary, g.pool,
@@ -106,10 +90,6 @@ def test_pooled_check_folds_the_adapter_into_the_heads_first_linear():
     assert after == before
     # The pooler's weight is no longer an input of the check.
     assert [n for n in plain.inputs if n not in c.inputs] == [_head_weight(g)]
-    # adapter_fold="none" keeps the two products.
-    _, kept, _ = _plan(model, _masked(2, 6, 0), adapter_fold="none")
-    assert all(c.fold is None for c in kept.checks)
-    assert _added(kept.checks[1]).count("linear") == 3
 
 
 def _head_weight(g):
@@ -138,27 +118,21 @@ def _run(opt, x, fused: bool):
             g.checks = checks
 
 
-@pytest.mark.parametrize("which,rank", [("mean", None), ("pooled", None), ("mean", 4),
-                                        ("pooled", 4), ("folded", None), ("folded", 4)])
-def test_fused_checks_give_the_same_exits_and_outputs(which, rank):
+@pytest.mark.parametrize("which", ["mean", "pooled", "folded"])
+def test_fused_checks_give_the_same_exits_and_outputs(which):
     if which == "mean":
         model, cal, x = _bert(), [_ids(8, 8, s) for s in range(4)], _ids(9, 8, 5)
     elif which == "pooled":
         model, cal, x = PooledClassifier("mean").eval(), _cal(), _masked(9, 8, 5)
     else:
         model, cal, x = _bert_classifier(), _cal(), _masked(9, 8, 5)
-    opts = {"early_exit": {"adapter_rank": rank}} if rank else {}
     opt = dyncompile.optimize(model, methods=["early_exit"], calibration=cal,
-                              compiler="eager", form_options=opts)
+                              compiler="eager")
     rt = opt.state.forms["early_exit"]
     assert all(g.checks_mode == ("pooled" if which == "folded" else which)
                for g in rt.graphs)
     checks = [c for g in rt.graphs for c in g.checks]
-    # A folded check takes one full matrix whatever the adapters' rank.
     assert all((c.fold is not None) == (which == "folded") for c in checks)
-    assert all(c.adapter_rank == (None if which == "folded" else rank) for c in checks)
-    if rank:
-        assert all("u" in a and a["u"].shape[1] == rank for a in rt.adapters)
     calls = []
     original = [g.checks for g in rt.graphs]
     for checks in original:

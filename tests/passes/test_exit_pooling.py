@@ -8,9 +8,9 @@ import transformers
 from torch import nn
 
 import dyncompile
+from dyncompile.forms.early_exit.program import ExitRunner
+from dyncompile.forms.early_exit.rewrite import fit_pooled
 from dyncompile.passes.pooling import find_pooling
-from dyncompile.passes.rewrite.early_exit import fit_pooled
-from dyncompile.runtime.exit_program import ExitRunner, _head_at
 from dyncompile.testing import assert_matches_dense
 from tests.passes.test_early_exit import SMALL, _ids, _plan
 
@@ -98,32 +98,6 @@ def test_no_pooling_region_when_the_head_reads_the_stream_otherwise(name):
 def test_find_pooling_needs_the_stream():
     _, g, _ = _plan(PooledClassifier("mean").eval(), _masked(2, 6, 0))
     assert find_pooling(g.head.nodes, g.stream[-1], [g.stream[-1]]) is None
-
-
-def test_pooled_exits_equal_adapting_every_token(monkeypatch):
-    model = PooledClassifier("mean").eval()
-    opt = dyncompile.optimize(model, methods=["early_exit"], calibration=_cal(),
-                              compiler="eager",
-                              form_options={"early_exit": {"adapter_fit": "tokens"}})
-    rt = opt.state.forms["early_exit"]
-    assert rt.pool_ok is True and rt.adapters and not rt.pooled_adapters
-    g = rt.graphs[0]
-    runner = ExitRunner(g, rt, opt.state)
-    x = _masked(4, 8, 11)
-    calls = []
-    call = ExitRunner.__call__
-    monkeypatch.setattr(ExitRunner, "__call__",
-                        lambda self, *args: calls.append(args) or call(self, *args))
-    with torch.no_grad():
-        opt(**x)  # the graph's own arguments (inputs, parameters, buffers)
-        env = dict(zip(g.placeholders, calls[-1]))
-        for k in range(g.exits):
-            g.segments[k].run(env)
-            raw = env[g.stream[k + 1]]
-            pooled = runner._exit_heads(env, k + 1, raw, True)[g.primary]
-            per_token = _head_at(g, env, rt.adapt(k + 1, raw))[g.primary]
-            torch.testing.assert_close(pooled, per_token, atol=1e-5, rtol=1e-4)
-    assert assert_matches_dense(model, opt, x, atol=1e-5) <= 1e-5
 
 
 def test_channel_mixing_region_is_rejected_on_real_values():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dyncompile
-from dyncompile.passes.rewrite.expert import identify_activation
+from dyncompile.forms.expert.rewrite import identify_activation
 from dyncompile.testing import (
     assert_compute_falls,
     assert_matches_dense,

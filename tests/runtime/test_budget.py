@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dyncompile
-from dyncompile.runtime.budget import BudgetState, current_budget
+from dyncompile.core.budget import BudgetState, current_budget
 from dyncompile.testing import assert_no_recompile
 from dyncompile.testing.zoo import ZOO
 
@@ -54,14 +54,13 @@ def test_threads_see_their_own_budget():
     assert seen == {0.3: 0.3, 0.7: 0.7}
 
 
-def test_state_tensor_updates_in_place():
+def test_state_value_follows_the_budget_in_force():
     state = BudgetState(0.8)
-    t = state.tensor
     assert state.sync() == pytest.approx(0.8)
     with dyncompile.budget(0.25):
         assert state.sync() == 0.25
-    assert t is state.tensor and float(t) == 0.25
-    assert state.sync() == pytest.approx(0.8) and float(t) == pytest.approx(0.8)
+    assert state.value == 0.25
+    assert state.sync() == pytest.approx(0.8) and state.value == pytest.approx(0.8)
 
 
 def test_budget_property_and_no_recompile():
@@ -75,10 +74,10 @@ def test_budget_property_and_no_recompile():
         opt.budget = 2
     warm = assert_no_recompile(opt, entry.inputs(1, 6))
     assert warm == 1
-    assert float(opt.state.tensor) == pytest.approx(0.2)  # the last call's budget
+    assert opt.state.value == pytest.approx(0.2)  # the last call's budget
     with torch.no_grad():
         opt(**entry.inputs(1, 6))
-    assert float(opt.state.tensor) == pytest.approx(0.4) and opt.stats.budget == pytest.approx(0.4)
+    assert opt.state.value == pytest.approx(0.4) and opt.stats.budget == pytest.approx(0.4)
 
 
 def test_state_dict_holds_each_weight_once():

@@ -5,7 +5,7 @@ import torch
 from torch import fx
 from torch._inductor.compile_fx import compile_fx
 
-from dyncompile.runtime.direct_call import DirectCall, mutates, output_code
+from dyncompile.program.direct_call import DirectCall, mutates, output_code
 
 
 class _Block(torch.nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dyncompile
-from dyncompile.runtime import exit_program
+from dyncompile.forms.early_exit import program as exit_program
 from tests.passes.test_early_exit import _bert, _ids
 from tests.passes.test_exit_pooling import PooledClassifier, _cal, _masked
 

@@ -2,8 +2,9 @@
 
 CPU: the C++ row-skipping kernel when it pays (few tokens, a sparse union of
 active channels), else one dense GEMM on the masked input; the choice is made
-per call from the actual mask. CUDA: the Triton kernel. Both report the FLOPs
-they skipped to ``dyncompile.runtime.stats``.
+per call from the actual mask. CUDA: the Triton kernel. ``run_cpu`` and
+``run_cuda`` also give what the call skipped (the gated form's ops report it);
+the registered op returns the product alone.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...runtime import stats as _stats
 from .cpu import sparse_linear_cpu
 
 # Row skipping beats a dense GEMM only in the decode regime: few tokens, and
@@ -38,8 +38,9 @@ def _(x, weight_t, bias, threshold):
 
 
 def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-            thr: float) -> torch.Tensor:
-    """The CPU kernel with a Python float threshold (shared with ``gated_linear``)."""
+            thr: float) -> tuple[torch.Tensor, float, float]:
+    """The CPU kernel with a Python float threshold: ``(y, FLOPs skipped, kept
+    (token, channel) pairs)``."""
     n_in, n_out = weight_t.shape
     x2 = x.reshape(-1, n_in)
     n = x2.shape[0]
@@ -53,34 +54,33 @@ def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
         y, k, pairs, skipped = sparse_linear_cpu(x2, weight_t, bias, thr, SPARSE_MAX_TOKENS,
                                                  SPARSE_MAX_ACTIVE, SPARSE_ALWAYS_TOKENS)
         spent = 2.0 * n * k * n_out if skipped else dense
-    _stats.record_ratio("active_channels", pairs, n * n_in)
-    _stats.record_saving(dense - spent)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n_out), dense - spent, float(pairs)
 
 
 @sparse_linear.register_kernel("cpu")
 def _cpu(x, weight_t, bias, threshold):
-    return run_cpu(x, weight_t, bias, float(threshold))
+    return run_cpu(x, weight_t, bias, float(threshold))[0]
 
 
 def run_cuda(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-             thr: float) -> torch.Tensor:  # pragma: no cover - needs a GPU
-    """The Triton kernel with a Python float threshold (shared with ``gated_linear``)."""
+             thr: float, count: bool = True
+             ) -> tuple[torch.Tensor, float, float]:  # pragma: no cover - needs a GPU
+    """The Triton kernel with a Python float threshold: ``(y, FLOPs skipped, kept pairs)``
+    (with ``count``; reading the count back syncs once per call)."""
     from .triton import sparse_linear_triton
 
     n_in, n_out = weight_t.shape
     n = x.numel() // n_in
-    if thr > 0:
-        kept = (x.abs() >= thr).sum()
-        # Reading the count back syncs once per call: the price of honest stats on GPU.
-        _stats.record_saving(2.0 * n * n_out * (n_in - float(kept)))
-        _stats.record_ratio("active_channels", float(kept), n * n_in)
-    return sparse_linear_triton(x, weight_t, bias, thr)
+    kept = float(n * n_in)
+    if thr > 0 and count:
+        kept = float((x.abs() >= thr).sum())
+    return (sparse_linear_triton(x, weight_t, bias, thr), 2.0 * n * n_out * (n_in - kept),
+            kept)
 
 
 @sparse_linear.register_kernel("cuda")
 def _cuda(x, weight_t, bias, threshold):  # pragma: no cover - needs a GPU
-    return run_cuda(x, weight_t, bias, float(threshold))
+    return run_cuda(x, weight_t, bias, float(threshold), count=False)[0]
 
 
 def _setup_context(ctx, inputs, output):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 _COMPILERS = ("inductor", "eager")
@@ -35,9 +33,10 @@ def validate_budget(value: Any) -> float:
 
 
 def known_methods() -> list[str]:
-    from .passes.rewrite import FORMS
+    """Names of the registered forms, for ``methods=[...]``."""
+    from .registry import forms
 
-    return sorted(FORMS)
+    return sorted(forms())
 
 
 def validate_methods(methods: Any) -> tuple[str, ...]:
@@ -59,29 +58,19 @@ def validate_methods(methods: Any) -> tuple[str, ...]:
 
 
 def validate_form_options(form_options: Any) -> None:
-    """Raise ValueError for an unknown form, option or option value, naming what is allowed."""
-    from .passes.rewrite import FORMS
+    """Raise ValueError for an unknown form, option or option value (each form's typed
+    options name what is allowed)."""
+    from .registry import forms
 
+    registry = forms()
     if not isinstance(form_options, Mapping):
         raise ValueError(f"form_options must be a dict {{form: {{option: value}}}}, "
                          f"got {form_options!r}")
     for form, opts in form_options.items():
-        if form not in FORMS:
+        if form not in registry:
             raise ValueError(f"form_options names unknown form {form!r}; known: "
-                             f"{', '.join(sorted(FORMS))}")
-        allowed = FORMS[form].options
-        if not isinstance(opts, Mapping):
-            raise ValueError(f"form_options[{form!r}] must be a dict, got {opts!r}")
-        for key, value in opts.items():
-            if key not in allowed:
-                raise ValueError(f"unknown {form} option {key!r}; allowed: {sorted(allowed)}")
-            rule = allowed[key]
-            if callable(rule):
-                problem = rule(value)
-                if problem:
-                    raise ValueError(f"{form} option {key}={value!r}: {problem}")
-            elif rule is not None and value not in rule:
-                raise ValueError(f"{form} option {key}={value!r}; allowed: {rule}")
+                             f"{', '.join(sorted(registry))}")
+        registry[form].parse_options(opts)
 
 
 @dataclass(frozen=True)
@@ -89,9 +78,10 @@ class DynConfig:
     """Options of the ``dyn`` backend.
 
     budget: default fraction of dense FLOPs to spend (0, 1]; can change per call.
-    methods: adaptive forms to apply (names from ``dyncompile.config.known_methods()``).
+    methods: adaptive forms to apply (names from ``dyncompile.known_methods()``).
     compiler: "inductor" (default) or "eager" (run the rewritten graph as is).
-    form_options: per-form settings, ``{"expert": {...}}``.
+    form_options: per-form settings, ``{"expert": {...}}``; each form checks its own
+        (a typed dataclass, see ``dyncompile.core.options``).
     """
 
     budget: float = 1.0
@@ -119,10 +109,8 @@ class DynConfig:
         options.pop("state", None)
         return cls(**options)
 
-    def uuid(self) -> str:
-        """Stable hash of everything that changes the compiled graph (not the budget)."""
-        data = asdict(self)
-        data.pop("budget")
-        blob = json.dumps(data, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def options_for(self, form: str) -> Any:
+        """The typed options of ``form`` (its ``Options`` dataclass, defaults filled in)."""
+        from .registry import forms
 
+        return forms()[form].parse_options(self.form_options.get(form))

@@ -26,27 +26,43 @@ contiguous row and no weight is ever copied per call.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
-from ...ops.cats_glu import op as _cats_op  # noqa: F401  (registers the op)
-from ...ops.gated_linear import op as _gated_op  # noqa: F401  (registers the op)
-from ...runtime.allocation import GreedyPath, SiteCost, uniform_sparsity
-from ...runtime.calibration import MagnitudeSample, RowSample, interpolate
-from ..base import Pass, PassContext
-from ..blocks import FFNBlock
-from ..graph_utils import shape_of
-from ..linears import LinearSite
-from . import register_form
-from .splice import copy_meta, glu_product, replaced_node
-from .weights import Weights
+from ...core.options import choice
+from ...core.registry import register_form
+from ...passes.base import Pass, PassContext
+from ...passes.blocks import FFNBlock
+from ...passes.graph_utils import shape_of
+from ...passes.linears import LinearSite
+from ...passes.splice import copy_meta, glu_product, replaced_node
+from ...passes.weights import Weights
+from . import ops as _ops  # noqa: F401  (registers gated_linear and cats_glu)
+from .allocation import GreedyPath, SiteCost, uniform_sparsity
+from .calibration import MagnitudeSample, RowSample, interpolate
 
 LEVELS = torch.linspace(0.0, 0.99, 100, dtype=torch.float64)
 ERROR_LEVELS = LEVELS[::5]  # 0, 0.05, ..., 0.95: the greedy allocation's steps
-OPTIONS = {"glu": ("teal", "cats"), "allocation": ("uniform", "greedy"),
-           "layout": ("input_major", "as_is")}
+
+
+@dataclass(frozen=True)
+class GatedOptions:
+    """``form_options={"gated": {...}}``.
+
+    glu: "teal" (every linear gated on its own input) or "cats" (a GLU FFN becomes one
+        ``cats_glu`` op thresholding the gate activation).
+    allocation: "uniform" (the same keep fraction at every site) or "greedy" (sparsity
+        where calibration estimates the least output error per FLOP saved).
+    layout: "input_major" (weights switched once, in place, to input-major memory
+        order) or "as_is".
+    """
+
+    glu: str = choice("teal", "cats")
+    allocation: str = choice("uniform", "greedy")
+    layout: str = choice("input_major", "as_is")
 
 
 class GatedRuntime:
@@ -151,12 +167,6 @@ class GatedRuntime:
         self._cache.clear()
 
 
-def _options(ctx: PassContext) -> dict[str, str]:
-    """The form's options with defaults filled in (values were validated by DynConfig)."""
-    return {**{k: v[0] for k, v in OPTIONS.items()},
-            **ctx.config.form_options.get("gated", {})}
-
-
 class _CatsMatch:
     """A GLU FFN in the shape CATS rewrites: down(a * up(x)) with a = act(gate(x))."""
 
@@ -187,16 +197,15 @@ class GatedForm(Pass):
     """Rewrite FFN and attention linears into budget-controlled sparse linears."""
 
     name = "gated"
-    version = "2"
-    options = OPTIONS
+    Options = GatedOptions
     runtime = GatedRuntime
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         assert ctx.blocks is not None and ctx.state is not None
-        opts = _options(ctx)
-        runtime = ctx.state.form(self.name, lambda: GatedRuntime(opts["allocation"]))
+        opts: GatedOptions = ctx.config.options_for(self.name)
+        runtime = ctx.state.form(self.name, lambda: GatedRuntime(opts.allocation))
         cats = []
-        if opts["glu"] == "cats":
+        if opts.glu == "cats":
             cats = [m for m in map(_match_cats, ctx.blocks.ffn) if m is not None]
         taken = {id(s) for m in cats for s in (m.up, m.down, m.block.gate)}
         sites: list[LinearSite] = []
@@ -206,7 +215,7 @@ class GatedForm(Pass):
                       getattr(block, "v", None), getattr(block, "o", None)]:
                 if s is not None and s not in sites and id(s) not in taken:
                     sites.append(s)
-        self._weights = Weights(gm, ctx, convert=opts["layout"] == "input_major")
+        self._weights = Weights(gm, ctx, convert=opts.layout == "input_major")
         for site in sites:
             self._rewrite_linear(gm, site, ctx.state.id, runtime)
         for m in cats:
@@ -217,8 +226,8 @@ class GatedForm(Pass):
         gm.meta["dyn_cats_sites"] = [m.down.weight_name for m in cats]
         ctx.log.append(f"gated: rewrote {len(sites)} linears"
                        + (f" and {len(cats)} GLU FFNs (CATS)" if cats else "")
-                       + f", {opts['allocation']} allocation")
-        if opts["glu"] == "cats" and len(cats) < sum(b.gated for b in ctx.blocks.ffn):
+                       + f", {opts.allocation} allocation")
+        if opts.glu == "cats" and len(cats) < sum(b.gated for b in ctx.blocks.ffn):
             ctx.log.append("gated: some GLU FFNs did not match down(act(gate(x)) * up(x)); "
                            "their linears are gated one by one")
         del self._weights

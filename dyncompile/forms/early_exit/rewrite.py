@@ -17,7 +17,7 @@ Calibration runs every layer and records, at each exit, the signal and the
 quality it would have had (agreement with the full model's prediction, or the
 cosine to its output); a monotone map turns signals into predicted quality, and
 the budget picks one threshold on it from the calibration rows' mean cost.
-The cut graph runs in :mod:`dyncompile.runtime.exit_program`; each piece is
+The cut graph runs in :mod:`dyncompile.forms.early_exit.program`; each piece is
 compiled on its own, so rows can leave the batch between layers.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
@@ -32,21 +33,11 @@ import sympy
 import torch
 from torch import fx
 
-from ...runtime.exit_fit import QualityMap, ThresholdCurve
-from ...runtime.exit_program import (
-    CONFIDENCE,
-    CONVERGENCE,
-    FULL,
-    MEAN,
-    POOLED,
-    ExitGraph,
-    ExitRunner,
-)
-from ..attention_masks import hoist_mask_conversions
-from ..base import Pass, PassContext, positive_int
-from ..blocks import ResidualBlock
-from ..exit_checks import build_check
-from ..graph_utils import (
+from ...core.registry import register_form
+from ...passes.attention_masks import hoist_mask_conversions
+from ...passes.base import Pass, PassContext
+from ...passes.blocks import ResidualBlock
+from ...passes.graph_utils import (
     node_value,
     placeholder_info,
     position,
@@ -55,11 +46,21 @@ from ..graph_utils import (
     tensor_value,
     to_nx,
 )
-from ..linears import LinearSite
-from ..pieces import build_piece
-from ..pooling import find_pooling, live_nodes
-from . import register_form
-from .weights import Weights
+from ...passes.linears import LinearSite
+from ...passes.pooling import find_pooling, live_nodes
+from ...passes.weights import Weights
+from ...program.pieces import build_piece
+from .checks import build_check
+from .fit import QualityMap, ThresholdCurve
+from .program import (
+    CONFIDENCE,
+    CONVERGENCE,
+    FULL,
+    MEAN,
+    POOLED,
+    ExitGraph,
+    ExitRunner,
+)
 
 log = logging.getLogger("dyncompile")
 
@@ -67,24 +68,14 @@ log = logging.getLogger("dyncompile")
 # ---------------------------------------------------------------------------- runtime
 
 MAX_STATE_ROWS = 4096  # stream rows kept per calibration call for fitting adapters
-MAX_TUNE_CALLS = 16    # calibration calls kept whole for tuning adapters through the head
 POOLED_RIDGE = 1.0     # shrinkage of pooled adapter refits towards the token fit
 
 
-def _non_negative(value: Any) -> str | None:
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        return None
-    return "must be an int >= 0"
-
-
-def _tune_loss(signal: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if signal == CONFIDENCE:
-        logp = out.log_softmax(-1)
-        p = target.softmax(-1)
-        return (p * (p.clamp_min(1e-12).log() - logp)).sum(-1).mean()
-    pooled = out.flatten(1, -2).mean(1) if out.dim() > 2 else out
-    ref = target.flatten(1, -2).mean(1) if target.dim() > 2 else target
-    return 1.0 - torch.nn.functional.cosine_similarity(pooled, ref, dim=-1).mean()
+@dataclass(frozen=True)
+class EarlyExitOptions:
+    """The form takes no options: its exits always adapt the stream with a full affine
+    map (refitted on the head's pooled rows where it pools, folded into the head's first
+    linear where that alone reads them) and decide on the adapted state."""
 
 
 def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor,
@@ -118,35 +109,10 @@ def fit_pooled(x: torch.Tensor, ones: torch.Tensor, y: torch.Tensor, w0: torch.T
             (b0.double() + sol[width]).float().contiguous())
 
 
-def low_rank(rank: int | None, width: int) -> int | None:
-    """The rank an adapter of a stream of ``width`` is fitted with: ``rank``, or None (a
-    full affine map) when none is asked or it would not be cheaper."""
-    return rank if rank is not None and rank < width // 2 else None
-
-
-def fit_adapter(x: torch.Tensor, y: torch.Tensor, rank: int | None) -> dict[str, torch.Tensor]:
-    """An exit adapter y ~ A(x): full affine ``{"w", "b"}``, or with ``rank``, identity plus
-    a rank-``rank`` correction ``x + (x @ vt.T) @ u.T + b`` (the truncated SVD of W - I),
-    which costs 2 * rank * width instead of width**2 multiply-adds per row."""
-    w, b = fit_affine(x, y)
-    width = w.shape[0]
-    rank = low_rank(rank, width)
-    if rank is None:
-        return {"w": w, "b": b}
-    u, sv, vh = torch.linalg.svd(w.double() - torch.eye(width, dtype=torch.float64))
-    # Refit the bias for the truncated map.
-    u_r = (u[:, :rank] * sv[:rank]).float().contiguous()
-    vt = vh[:rank].float().contiguous()
-    approx = x + (x @ vt.T) @ u_r.T
-    return {"u": u_r, "vt": vt, "b": (y - approx).mean(0).float().contiguous()}
-
-
 class ExitRuntime:
     """Calibrated exit quality maps and the budget -> threshold curve of one model."""
 
-    def __init__(self, adapter: str = "affine", adapter_rank: int | None = None,
-                 signal: str = "adapted", tune_steps: int = 0,
-                 adapter_fit: str = "pooled") -> None:
+    def __init__(self) -> None:
         self.signals: list[torch.Tensor] = []
         self.qualities: list[torch.Tensor] = []
         self.tokens: list[tuple[float, float]] = []  # (rows, tokens per row) per call
@@ -156,15 +122,11 @@ class ExitRuntime:
         self.signal = ""
         self._memo: dict[float, float] = {}
         self._plans: dict[tuple[float, int], tuple[list[bool], list[bool]]] = {}
-        self.adapter = adapter
-        self.adapter_rank = adapter_rank
-        self.signal_adapted = signal == "adapted"
         self.adapters: list[dict[str, torch.Tensor]] = []
         self.states: list[list[torch.Tensor]] = []
         # Exits pool before adapting (the head's pooling region checked out on real
         # values; None: not seen yet), with adapters refitted on the pooled rows.
         self.pool_ok: bool | None = None
-        self.adapter_fit = adapter_fit
         self.pooled_states: list[list[torch.Tensor]] = []
         self.pooled_adapters: list[dict[str, torch.Tensor]] = []
         self._cuts: dict[tuple[int, float], torch.Tensor] = {}
@@ -174,8 +136,6 @@ class ExitRuntime:
         self._fast: dict[tuple[Any, ...], Any] = {}
         self.recording = False
         self.graphs: list[ExitGraph] = []  # the cut graphs using this runtime
-        self.tune_steps = tune_steps
-        self.calls: list[Any] = []
         # Where the model's stream lives: calibration statistics and fits stay on the CPU;
         # what the hot path reads (adapters, cuts) is placed here.
         self.device = torch.device("cpu")
@@ -185,20 +145,11 @@ class ExitRuntime:
     def calibrated(self) -> bool:
         return self.curve is not None
 
-    def observe_states(self, states: list[torch.Tensor], final: torch.Tensor,
-                       graph: ExitGraph | None = None, env: dict | None = None) -> None:
-        """Record the stream at each exit and the final state (calibration, first pass);
-        with ``graph`` and ``env``, also what the head needs to tune the adapters on."""
+    def observe_states(self, states: list[torch.Tensor], final: torch.Tensor) -> None:
+        """Record the stream at each exit and the final state (calibration, first pass)."""
         if self.states and len(states) != len(self.states[0]) - 1:
             return
         self.device = final.device
-        if graph is not None and env is not None and self.tune_steps \
-                and len(self.calls) < MAX_TUNE_CALLS:
-            f = graph.stream[-1]
-            inputs = {n: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
-                      for n, v in env.items() if n in graph.head.inputs and n is not f}
-            self.calls.append((graph, [x.detach().clone() for x in states], inputs,
-                               env[graph.primary].detach().float().clone()))
         width = final.shape[-1]
         rows = [s.detach().reshape(-1, width) for s in [*states, final]]
         n = rows[0].shape[0]
@@ -208,10 +159,7 @@ class ExitRuntime:
 
     def exit_overhead(self, width: int) -> float:
         """FLOPs per row-token an exit adds besides the head (the adapter)."""
-        if not self.adapters:
-            return 0.0
-        a = self.adapters[0]
-        return 2.0 * a["w"].numel() if "w" in a else 2.0 * (a["u"].numel() + a["vt"].numel())
+        return 2.0 * self.adapters[0]["w"].numel() if self.adapters else 0.0
 
     def observe_pooled(self, pooled: list[list[torch.Tensor]], ones: list[torch.Tensor]) -> None:
         """Record the head's pooled values of the stream at each exit and of the final
@@ -234,20 +182,15 @@ class ExitRuntime:
         a = (self.pooled_adapters or self.adapters)[k - 1] if pooled else self.adapters[k - 1]
         dt = state.dtype
         b = a["b"].to(dt) if bias_scale is None else a["b"].to(dt) * bias_scale.to(dt)
-        if "w" in a:
-            return torch.nn.functional.linear(state, a["w"].to(dt)) + b
-        low = torch.nn.functional.linear(state, a["vt"].to(dt))
-        return state + torch.nn.functional.linear(low, a["u"].to(dt)) + b
+        return torch.nn.functional.linear(state, a["w"].to(dt)) + b
 
     def adapter_args(self, k: int, width: int, dtype: torch.dtype, pooled: bool = False,
-                     rank: int | None = None, fold: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, ...]:
+                     fold: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Exit ``k``'s adapter as the fused exit checks take it, in ``dtype``: ``(w, b)``
         with ``adapt(state) == F.linear(state, w) + b`` (no bias scale; the identity
-        without adapters), or with ``rank`` (the checks were built for low-rank
-        adapters) ``(u, vt, b)``, the adapter's own factors; with ``fold`` (the weight
-        ``W`` of the head linear the checks fold the adapter into) ``(W @ w, W @ b)``."""
-        key = (k, pooled, dtype, width, rank) if fold is None else \
+        without adapters); with ``fold`` (the weight ``W`` of the head linear the checks
+        fold the adapter into) ``(W @ w, W @ b)``."""
+        key = (k, pooled, dtype, width) if fold is None else \
             (k, pooled, dtype, width, id(fold), fold._version, fold.device)
         got = self._mats.get(key)
         if got is None:
@@ -259,18 +202,11 @@ class ExitRuntime:
                 w, b = self.adapter_args(k, width, torch.float64, pooled)
                 f = fold.detach().to(w.device, torch.float64)
                 parts = (f @ w, f @ b)
-            elif rank is not None:
-                if a is None or "u" not in a or a["u"].shape[1] != rank:
-                    raise RuntimeError(f"early_exit: the exit checks take rank-{rank} "
-                                       "adapters, but the fitted adapters differ")
-                parts = (a["u"], a["vt"], a["b"])
             elif a is None:
                 parts = (torch.eye(width, device=self.device),
                          torch.zeros(width, device=self.device))
             else:
-                w = a["w"] if "w" in a else (torch.eye(width, device=a["u"].device)
-                                             + a["u"].float() @ a["vt"].float())
-                parts = (w, a["b"])
+                parts = (a["w"], a["b"])
             got = self._mats[key] = tuple(t.to(dtype).contiguous() for t in parts)
         return got
 
@@ -285,8 +221,7 @@ class ExitRuntime:
         self.tokens.append((float(signals.shape[0]), tokens))
         rows = sum(n for n, _ in self.tokens)
         mean_tokens = sum(n * t for n, t in self.tokens) / rows
-        costs = graph.unit_costs(mean_tokens, self.exit_overhead(graph.width), mode,
-                                 self.signal_adapted)
+        costs = graph.unit_costs(mean_tokens, self.exit_overhead(graph.width), mode)
         self.cost_fn = lambda checked: graph.exit_cost(costs, checked)
         self.signal = graph.signal
 
@@ -296,22 +231,21 @@ class ExitRuntime:
         if self.states:
             exits = len(self.states[0]) - 1
             cols = [torch.cat([c[k] for c in self.states]) for k in range(exits + 1)]
-            self.adapters = ([fit_adapter(cols[k], cols[-1], self.adapter_rank)
-                              for k in range(exits)] if self.adapter == "affine" else [])
-            if self.adapters and self.calls and "w" in self.adapters[0]:
-                self._tune()
+            self.adapters = []
+            for k in range(exits):
+                w, b = fit_affine(cols[k], cols[-1])
+                self.adapters.append({"w": w, "b": b})
             self._fit_pooled()
             self._place()
-            self.states, self.calls, self.pooled_states = [], [], []
+            self.states, self.pooled_states = [], []
             self.recording = True
         self._fit_maps()
 
     def _fit_pooled(self) -> None:
-        """Refit each full affine adapter on the pooled rows the head actually reads (ridge
-        towards the token fit: there is one pooled row per sample)."""
+        """Refit each adapter on the pooled rows the head actually reads (ridge towards the
+        token fit: there is one pooled row per sample)."""
         self.pooled_adapters = []
-        if (not self.pooled_states or not self.pool_ok or self.adapter_fit != "pooled"
-                or not self.adapters or "w" not in self.adapters[0]):
+        if not self.pooled_states or not self.pool_ok or not self.adapters:
             return
         cols = [torch.cat([c[k] for c in self.pooled_states])
                 for k in range(len(self.pooled_states[0]))]
@@ -319,34 +253,6 @@ class ExitRuntime:
         for k, a in enumerate(self.adapters):
             w, b = fit_pooled(cols[k], ones, final, a["w"], a["b"], POOLED_RIDGE)
             self.pooled_adapters.append({"w": w, "b": b})
-
-    def _tune(self) -> None:
-        """Tune each exit's affine adapter through the model's own head: minimise the KL
-        divergence from the full model's output distribution (confidence), or one minus
-        the cosine of the pooled outputs (convergence), on the calibration calls."""
-        from tqdm.auto import tqdm
-
-        if any(not c[0].head.nodes for c in self.calls):
-            return
-        for k in tqdm(range(len(self.adapters)), desc="tuning exit adapters", leave=False,
-                      disable=len(self.adapters) < 2):
-            a = self.adapters[k]
-            dev = self.calls[0][1][k].device
-            w = a["w"].to(dev, copy=True).requires_grad_(True)
-            b = a["b"].to(dev, copy=True).requires_grad_(True)
-            opt = torch.optim.Adam([w, b], lr=1e-3)
-            with torch.enable_grad():
-                for step in range(self.tune_steps):
-                    g, states, inputs, target = self.calls[step % len(self.calls)]
-                    f = g.stream[-1]
-                    h = torch.nn.functional.linear(states[k], w, b)
-                    out = g.head.module(*[h if n is f else inputs[n]
-                                          for n in g.head.inputs])[g.head.outputs.index(g.primary)]
-                    loss = _tune_loss(g.signal, out.float(), target)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-            a["w"], a["b"] = w.detach().cpu().contiguous(), b.detach().cpu().contiguous()
 
     def _place(self) -> None:
         """Move the fitted adapters to the stream's device (fits run on the CPU)."""
@@ -436,11 +342,6 @@ class ExitRuntime:
             t = self._memo[budget] = self.curve.threshold(budget)
         return t
 
-    def expected_fraction(self, budget: float) -> float:
-        """Cost fraction the calibration rows spend at ``budget``."""
-        assert self.curve is not None
-        return self.curve.fraction(budget)
-
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         assert self.curve is not None
         tensors = {"thresholds": self.curve.thresholds, "fractions": self.curve.fractions}
@@ -452,7 +353,6 @@ class ExitRuntime:
                 for name, t in a.items():
                     tensors[f"{prefix}_{name}.{k}"] = t.cpu()
         return tensors, {"exits": len(self.maps), "signal": self.signal,
-                         "signal_adapted": self.signal_adapted,
                          "adapters": len(self.adapters), "pool_ok": self.pool_ok,
                          "pooled_adapters": len(self.pooled_adapters)}
 
@@ -462,9 +362,7 @@ class ExitRuntime:
                      for k in range(int(meta["exits"]))]
         self.curve = ThresholdCurve(tensors["thresholds"], tensors["fractions"])
         self.signal = meta.get("signal", "")
-        self.signal_adapted = bool(meta.get("signal_adapted", False))
-        self.adapters = [{name: tensors[f"adapter_{name}.{k}"] for name in ("w", "u", "vt", "b")
-                          if f"adapter_{name}.{k}" in tensors}
+        self.adapters = [{name: tensors[f"adapter_{name}.{k}"] for name in ("w", "b")}
                          for k in range(int(meta.get("adapters", 0)))]
         self.pool_ok = meta.get("pool_ok")
         self.pooled_adapters = [{name: tensors[f"pooled_{name}.{k}"] for name in ("w", "b")}
@@ -602,11 +500,7 @@ class EarlyExitForm(Pass):
     """Cut the graph at its layer boundaries and let rows exit where the head is sure."""
 
     name = "early_exit"
-    version = "1"
-    options: dict[str, Any] = {"adapter": ("affine", "none"), "adapter_rank": positive_int,
-                               "signal_from": ("adapted", "raw"), "tune_steps": _non_negative,
-                               "adapter_fit": ("pooled", "tokens"),
-                               "adapter_fold": ("head", "none")}
+    Options = EarlyExitOptions
     runtime = ExitRuntime
     dynamic_batch = True
 
@@ -616,11 +510,7 @@ class EarlyExitForm(Pass):
         if isinstance(graph, str):
             ctx.log.append(f"early_exit: left dense ({graph})")
             return
-        opts = dict(ctx.config.form_options.get(self.name, {}))
-        runtime = ctx.state.form(self.name, lambda: ExitRuntime(
-            opts.get("adapter", "affine"), opts.get("adapter_rank"),
-            opts.get("signal_from", "adapted"), int(opts.get("tune_steps", 0)),
-            opts.get("adapter_fit", "pooled")))
+        runtime = ctx.state.form(self.name, ExitRuntime)
         ctx.program = ExitRunner(graph, runtime, ctx.state)
         runtime.graphs.append(graph)
         gm.meta["dyn_exit_graph"] = graph
@@ -739,19 +629,14 @@ class EarlyExitForm(Pass):
                        for p in fills],
             static_rows=isinstance(batch, sympy.Integer) and int(batch) > 1, whole=whole,
             pool=pool, post=post, post_cost=post_cost)
-        opts = ctx.config.form_options.get(self.name, {})
-        rank = low_rank(opts.get("adapter_rank"), eg.width) \
-            if opts.get("adapter", "affine") == "affine" else None
-        fold = opts.get("adapter_fold", "head") == "head"
-        _fuse_checks(eg, rank, Weights(gm, ctx, convert=False).param if fold else None)
+        _fuse_checks(eg, Weights(gm, ctx, convert=False).param)
         return eg
 
 
-def _fuse_checks(g: ExitGraph, rank: int | None = None,
-                 param: Callable[[fx.Node], torch.Tensor | None] | None = None) -> None:
+def _fuse_checks(g: ExitGraph, param: Callable[[fx.Node], torch.Tensor | None]) -> None:
     """Give ``g`` its layer pieces fused with the exit checks, where a check reads one
-    pooled row per sample (``passes.exit_checks``); ``rank``: the adapters' low rank;
-    ``param``: the parameter behind a weight node (to fold adapters into the head)."""
+    pooled row per sample (``checks.py``); ``param``: the parameter behind a weight node
+    (to fold adapters into the head's first linear)."""
     if g.token_level:
         return
     if g.pool is not None:
@@ -762,7 +647,7 @@ def _fuse_checks(g: ExitGraph, rank: int | None = None,
         return
     try:
         g.checks = [build_check(k, g.segments[k - 1], g.stream, g.signal, mode, g.primary,
-                                g.pool, g.post, rank, param) for k in range(1, g.exits + 1)]
+                                g.pool, g.post, param) for k in range(1, g.exits + 1)]
         g.checks_mode = mode
     except Exception as e:  # a graph the builder cannot copy: checks stay unfused
         log.info("early_exit: exit checks not fused into the layer pieces (%s)", e)

@@ -75,10 +75,6 @@ class GreedyPath:
             self.points.append((fraction, best_site, j + 1))
         self.sites = sites
 
-    @property
-    def min_fraction(self) -> float:
-        return self.points[-1][0]
-
     def sparsity(self, budget: float) -> dict[str, float]:
         """Per-site sparsity for ``budget`` (linear within the last step taken)."""
         alloc = dict.fromkeys(self.sites, self.levels[0])

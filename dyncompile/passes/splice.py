@@ -7,9 +7,9 @@ import operator
 import torch
 from torch import fx
 
-from ..blocks import FFNBlock
-from ..graph_utils import op_kind
-from ..linears import LinearSite
+from .blocks import FFNBlock
+from .graph_utils import op_kind
+from .linears import LinearSite
 
 _MUL = (operator.mul, torch.mul, torch.Tensor.mul)
 _META = ("val", "example_value", "nn_module_stack", "stack_trace")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..base import PassContext
-from ..graph_utils import is_param, placeholder_info
+from .base import PassContext
+from .graph_utils import is_param, placeholder_info
 
 
 class Weights:

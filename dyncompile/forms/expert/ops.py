@@ -1,21 +1,35 @@
-"""Registration of ``torch.ops.dyncompile.expert_ffn`` (``torch.library.Library``).
+"""The expert form's ops: ``dyncompile::expert_ffn`` and ``dyncompile::expert_route``.
+
+Thin glue over the pure kernels in ``dyncompile.ops.expert_ffn`` and
+``dyncompile.ops.expert_route``: ``expert_route`` reads the router and tau for
+the budget in force from the model's runtime state; ``expert_ffn`` runs the
+kernels and reports what the call skipped to the call's stats.
+
+expert_ffn
 
 CPU: for few fp32 tokens the fused C++ kernel (each selected expert's weight
 rows read once); when every token picks the same experts, matmuls on the
 selected slices for all tokens at once; otherwise tokens grouped by expert,
 unless one dense FFN with the unselected units zeroed is faster (see
 ``cpu.choose_path``: the choice is made per call from the actual mask). CUDA:
-the Triton kernels. Both report the FLOPs they skipped to
-``dyncompile.runtime.stats``.
+the Triton kernels. Both report the FLOPs they skipped to the call's stats.
+
+Both ops are registered with ``torch.library.Library`` rather than ``custom_op``:
+a call reaches the kernel from the dispatcher directly, without custom_op's
+per-call Python autograd layers (which cost tens of microseconds per call between
+a model's kernels).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...runtime import stats as _stats
-from .cpu import expert_ffn_cpu
-from .reference import check_args, expert_ffn_reference, selected_units
+from ...core import stats as _stats
+from ...core.budget import get_state
+from ...ops.expert_ffn.cpu import expert_ffn_cpu
+from ...ops.expert_ffn.reference import check_args, expert_ffn_reference, selected_units
+
+FORM = "expert"
 
 _LIB = torch.library.Library("dyncompile", "FRAGMENT")
 _LIB.define("expert_ffn(Tensor x, Tensor w_up, Tensor? b_up, Tensor? w_gate, Tensor? b_gate, "
@@ -70,16 +84,16 @@ def _cpu(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation):
 
 
 def _cuda(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation):  # pragma: no cover
-    from .triton import expert_ffn_triton
+    from ...ops.expert_ffn.triton import expert_ffn_triton
 
     check_args(x, w_up, w_gate, w_down_t, mask, activation)
     n, n_exp = mask.shape
     # Reading the counts back syncs once per call (the kernel syncs for the pair count anyway).
     pairs, units = selected_units(mask, w_up.shape[0])
     per_unit = _flops_per_unit(w_up, w_gate, w_down_t)
-    _stats.record_saving(per_unit * (n * w_up.shape[0] - units))
-    _stats.record_ratio("expert_compute", per_unit * units, per_unit * n * w_up.shape[0])
-    _stats.record_ratio("active_experts", pairs, n * n_exp)
+    _stats.record_op(per_unit * (n * w_up.shape[0] - units),
+                     ("expert_compute", per_unit * units, per_unit * n * w_up.shape[0]),
+                     ("active_experts", pairs, n * n_exp))
     return expert_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down_t, b_down, mask, activation)
 
 
@@ -114,3 +128,40 @@ _LIB.impl("expert_ffn", _cpu, "CPU")
 _LIB.impl("expert_ffn", _cuda, "CUDA")
 torch.library.register_autograd("dyncompile::expert_ffn", _backward,
                                 setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------ expert_route
+#
+#     calibrating:  record x for the site; every expert runs (the dense FFN)
+#     budget 1.0:   every expert runs (the dense FFN, no router call)
+#     otherwise:    r = router(x) (predicted output norm per expert);
+#                   tau = the site's tau for the budget (from its compute curve);
+#                   mask[t, e] = r[t, e] >= tau * max_e r[t, e]
+#
+# Returns a bool mask [N, E] over the flattened tokens. The router's FLOPs are
+# reported as spent work (the budget includes them). Opaque to the compiler: a
+# bool mask has nothing to differentiate, so one kernel serves every backend.
+
+_LIB.define("expert_route(Tensor x, int state_id, str site, int experts) -> Tensor")
+
+
+def expert_route(x: torch.Tensor, state_id: int, site: str, experts: int) -> torch.Tensor:
+    """Bool mask [N, E]: expert e runs for token t (dynamic-k under the budget in force)."""
+    state = get_state(state_id)
+    runtime = state.forms[FORM]
+    x2 = x.reshape(-1, x.shape[-1])
+    if state.calibrating:
+        runtime.observe(site, x2)
+        return torch.ones(x2.shape[0], experts, dtype=torch.bool, device=x.device)
+    if state.value >= 1.0:
+        return torch.ones(x2.shape[0], experts, dtype=torch.bool, device=x.device)
+    return runtime.route(site, x2, state.value)
+
+
+expert_route_reference = expert_route
+_LIB.impl("expert_route", expert_route, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("dyncompile::expert_route")
+def _(x, state_id, site, experts):
+    return x.new_empty((x.numel() // x.shape[-1], experts), dtype=torch.bool)

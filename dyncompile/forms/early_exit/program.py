@@ -31,28 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..passes.graph_utils import is_param
-from ..passes.pieces import Piece
-from . import exit_fast
-from . import stats as _stats
+from ...core import stats as _stats
+from ...passes.graph_utils import is_param
+from ...program.pieces import Piece
+from . import fast as exit_fast
+from .modes import CONFIDENCE, CONVERGENCE, FULL, MEAN, POOLED  # noqa: F401  (re-exported)
 
 log = logging.getLogger("dyncompile")
-
-
-CONFIDENCE = "confidence"
-CONVERGENCE = "convergence"
-
-
-# Inductor's ``cpp.min_chunk_size`` (work per thread below which a CPU kernel runs
-# serially) for the fused exit checks' graphs; None: Inductor's default. A knob for
-# experiments (benchmarks/exit_check_cost.py): on the 2-core machine under
-# GOMP_SPINCOUNT=0, serial small kernels made each check graph cheaper than the plain
-# layer at one 128-token row, but slightly dearer with OpenMP's default spinning.
-CHECK_MIN_CHUNK: int | None = None
-
-FULL = "full"      # exits run the head on the (adapted) stream
-POOLED = "pooled"  # exits pool first (the head's pooling region), then adapt and finish
-MEAN = "mean"      # the output is the stream itself: decide on its token mean
 
 
 @dataclass
@@ -110,23 +95,19 @@ class ExitGraph:
         return int(self.stream[-1].meta["example_value"].shape[-1]) \
             if "example_value" in self.stream[-1].meta else 0
 
-    def unit_costs(self, tokens: float, adapter: float, mode: str,
-                   adapted: bool = True) -> ExitCosts:
+    def unit_costs(self, tokens: float, adapter: float, mode: str) -> ExitCosts:
         """What the head, one exit check, a leaving row's output and the first check
         (convergence) cost per row-token, for rows of ``tokens`` tokens; ``adapter`` is
-        the exit adapter's FLOPs per row it maps; ``mode`` as ``ExitRunner.mode``;
-        ``adapted``: the decision reads the adapted state."""
+        the exit adapter's FLOPs per row it maps; ``mode`` as ``ExitRunner.mode``."""
         t = max(tokens, 1.0)
         if mode == POOLED:
             head, adapt = self.post_cost / t, adapter / t
         else:
             head, adapt = self.head_cost, adapter
         if mode == MEAN:  # the decision reads the token mean; leaving rows run the head
-            return ExitCosts(head, adapter / t if adapted else 0.0, head + adapt, 0.0)
+            return ExitCosts(head, adapter / t, head + adapt, 0.0)
         first = head if self.signal == CONVERGENCE else 0.0
-        if adapted:
-            return ExitCosts(head, head + adapt, 0.0, first)
-        return ExitCosts(head, head, head + adapt, first)
+        return ExitCosts(head, head + adapt, 0.0, first)
 
     def exit_cost(self, costs: ExitCosts, checked: list[bool] | None = None) -> torch.Tensor:
         """Cost fraction of a row leaving at exit k = 1..K, then of running every layer,
@@ -153,7 +134,7 @@ class ExitGraph:
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        from .direct_call import DirectCall
+        from ...program.direct_call import DirectCall
 
         # No FX graph cache: a cached piece's shape guards name the sources of the dynamo
         # frame that first compiled it, which a later frame's lookup cannot evaluate.
@@ -167,11 +148,10 @@ class ExitGraph:
                                                                               example)):
                         p.fn = DirectCall(compile_fx(p.module, example), p.module)
                     self.graphs += 1
-            chunk = {} if CHECK_MIN_CHUNK is None else {"cpp.min_chunk_size": CHECK_MIN_CHUNK}
             for c in self.checks or []:
                 # Its other inputs (adapter, cut, previous summary) the runtime makes
                 # contiguous.
-                with inductor_config.patch(size_asserts=not fixed_layouts(c.inputs), **chunk):
+                with inductor_config.patch(size_asserts=not fixed_layouts(c.inputs)):
                     c.fn = DirectCall(compile_fx(c.module, self._check_example(c)), c.module)
                 self.graphs += 1
         self.compiled = True
@@ -193,7 +173,7 @@ class ExitGraph:
         the cut and, from exit 2 on, the previous exit's summary (symbolic batch)."""
         from torch._subclasses.fake_tensor import FakeTensor
 
-        from ..passes.exit_checks import summary
+        from .checks import summary
 
         example = [_example(n) for n in c.inputs]
         fake = next(x.fake_mode for x in example if isinstance(x, FakeTensor))
@@ -381,8 +361,7 @@ class ExitRunner:
 
     def _costs(self, tokens: float) -> ExitCosts:
         rt = self.runtime
-        return self.g.unit_costs(tokens, rt.exit_overhead(self.g.width), self.mode,
-                                 rt.signal_adapted)
+        return self.g.unit_costs(tokens, rt.exit_overhead(self.g.width), self.mode)
 
     def _check_pool(self, env: dict[fx.Node, Any], pooled: list[torch.Tensor],
                     ones: list[torch.Tensor]) -> bool:
@@ -455,7 +434,7 @@ class ExitRunner:
             g.segments[k].run(env)
         g.head.run(env)
         rt = self.runtime
-        rt.observe_states(states, env[g.stream[-1]], g, env)
+        rt.observe_states(states, env[g.stream[-1]])
         if g.pool is not None and rt.pool_ok is not False:
             f = env[g.stream[-1]]
             try:
@@ -484,16 +463,11 @@ class ExitRunner:
         rt = self.runtime
         for k in range(1, g.exits + 1):
             raw = env[g.stream[k]]
-            out = self._decide_on(env, k, raw, rt.signal_adapted)[0]
+            out = self._decide_on(env, k, raw, True)[0]
             s, summ = _signal(g, out, prev, g.token_level)
-            if not rt.signal_adapted:  # the quality is that of the adapted output
-                _, summ_out = _signal(g, self._decide_on(env, k, raw, True)[0], prev,
-                                      g.token_level)
-            else:
-                summ_out = summ
             signals.append(s.flatten())
-            summaries.append(summ_out.reshape(-1) if g.token_level and g.signal == CONFIDENCE
-                             else summ_out)
+            summaries.append(summ.reshape(-1) if g.token_level and g.signal == CONFIDENCE
+                             else summ)
             prev = summ
             g.segments[k].run(env)
         g.head.run(env)
@@ -511,7 +485,7 @@ class ExitRunner:
     def _fused_checks(self) -> list[Any] | None:
         """The layer pieces fused with their exit checks, when they serve this call."""
         g = self.g
-        if g.checks and self.mode == g.checks_mode and self.runtime.signal_adapted:
+        if g.checks and self.mode == g.checks_mode:
             return g.checks
         return None
 
@@ -565,7 +539,7 @@ class ExitRunner:
                 cuts.append(rt.never)
                 continue
             adapters.append(rt.adapter_args(k, g.width, c.adapter_dtype, self.mode == POOLED,
-                                            c.adapter_rank, c.fold))
+                                            c.fold))
             can = fire[k - 1] and (k == 1 or checked[k - 2])
             cuts.append(rt.cut(k, threshold) if can else rt.never)
         got = rt._fast[key] = (path, tuple(adapters), tuple(cuts), {}, checked)
@@ -619,7 +593,7 @@ class ExitRunner:
                 if fused is not None and checked[k - 1]:  # layer k - 1 and exit k's check
                     c = fused[k - 1]
                     adapter = rt.adapter_args(k, g.width, c.adapter_dtype,
-                                              self.mode == POOLED, c.adapter_rank, c.fold)
+                                              self.mode == POOLED, c.fold)
                     # No reference (k > 1, previous exit unchecked): the exit cannot fire.
                     can = fire[k - 1] and (prev is not None or k == 1)
                     cut = rt.cut(k, threshold) if can else rt.never
@@ -652,7 +626,7 @@ class ExitRunner:
             if sig is None:
                 if ones_all is None and self.mode == POOLED and rt.adapters:
                     ones_all = _pool_at(g, env, torch.ones_like(raw))  # bias scale, per call
-                out, heads = self._decide_on(env, k, raw, rt.signal_adapted, ones_all)
+                out, heads = self._decide_on(env, k, raw, True, ones_all)
                 sig, summ = _signal(g, out, prev, False)
             assert summ is not None
             spent += costs.check * alive.numel()
@@ -672,7 +646,7 @@ class ExitRunner:
                         parts.setdefault(o, []).append((alive, env[o]))
                         done.add(o)
                 left = _rows(env, g, gone)
-                if rt.signal_adapted and heads is not None:
+                if heads is not None:
                     outs = {o: v.index_select(0, gone) if o in g.batch else v
                             for o, v in heads.items()}
                 else:
@@ -755,7 +729,7 @@ class ExitRunner:
                 g.segments[k].run(env)
                 continue
             ha = self.runtime.adapt(k, h)
-            out = _head_at(g, env, ha if self.runtime.signal_adapted else h)[g.primary]
+            out = _head_at(g, env, ha)[g.primary]
             if out.shape[:2] != (b, s):
                 # The head scores only some positions (e.g. the last one while prefilling
                 # for generate()): no per-token signal, so every token runs every layer.

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .direct_call import DirectCall
+from ...program.direct_call import DirectCall
 
 DONE = 0  # what ``FastRows.fn`` returns first when every row ran every layer
 

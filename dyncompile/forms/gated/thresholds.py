@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .budget import get_state
+from ...core.budget import get_state
 
 FORM = "gated"
 

@@ -1,8 +1,10 @@
-"""The compute budget as runtime state: a 0-d tensor the compiled graphs read.
+"""The compute budget as runtime state, read by the forms' ops at call time.
 
-Changing the budget writes into that tensor in place, so no value is ever
-baked into a compiled graph and nothing recompiles. ``with budget(0.3):`` sets
-a per-thread / per-task override through a context variable.
+Each optimized model has one :class:`BudgetState`; its id is a constant of the
+compiled graphs and its value is read inside the forms' opaque ops, so no budget
+is ever baked into a graph and nothing recompiles when it changes.
+``with budget(0.3):`` sets a per-thread / per-task override through a context
+variable.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from ..config import validate_budget
+from .config import validate_budget
 
 _OVERRIDE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "dyncompile_budget", default=None)
@@ -51,14 +51,13 @@ def current_budget(default: float = 1.0) -> float:
 class BudgetState:
     """Budget shared by the graphs of one compiled model.
 
-    ``tensor`` is a 0-d float32 CPU tensor read by the ops of every form;
-    ``sync()`` writes the budget in force into it before each call. ``lock``
+    ``value`` is the budget in force for the running call: ``sync()`` sets it before
+    each call, and the forms' ops read it (through ``get_state(id)``). ``lock``
     serialises calls so two threads with different budgets never interleave.
     """
 
     def __init__(self, default: float = 1.0) -> None:
         self.default = validate_budget(default)
-        self.tensor = torch.full((), self.default, dtype=torch.float32)
         self.value = self.default
         self.lock = threading.RLock()
         self.calibrating = False
@@ -94,11 +93,8 @@ class BudgetState:
         return self.forms[name]
 
     def sync(self) -> float:
-        value = current_budget(self.default)
-        if self.value != value:
-            self.tensor.fill_(value)
-            self.value = value
-        return value
+        self.value = current_budget(self.default)
+        return self.value
 
 
 _ids = itertools.count()

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-from ..runtime.exit_program import CONFIDENCE, MEAN, POOLED
-from .linears import LinearSite, match_linear
-from .pieces import Piece
+from ...passes.linears import LinearSite, match_linear
+from ...program.pieces import Piece
+from .modes import CONFIDENCE, MEAN, POOLED
 
 
 @dataclass(eq=False)
@@ -51,10 +51,9 @@ class CheckPiece:
     prev])`` returns the segment's outputs, then the signal, the summary (prediction or
     pooled output), which rows leave (``signal >= cut``), whether any does, and, POOLED,
     the head's outputs (``heads``) for the rows that leave. ``adapter`` is ``(w, b)``
-    (affine, ``x @ w.T + b``) or, with ``adapter_rank`` r, ``(u, vt, b)`` (identity plus
-    rank r: ``x + (x @ vt.T) @ u.T + b``, a fraction of the bytes to read). With ``fold``
-    (the weight ``W`` of the linear that alone reads the head's pooled rows) the adapter
-    is folded into that linear: ``adapter`` is ``(W @ w, W @ b)``, whatever the rank."""
+    (affine, ``x @ w.T + b``); with ``fold`` (the weight ``W`` of the linear that alone
+    reads the head's pooled rows) the adapter is folded into that linear: ``adapter`` is
+    ``(W @ w, W @ b)``."""
 
     exit: int
     segment: Piece
@@ -65,7 +64,6 @@ class CheckPiece:
     summary_dtype: torch.dtype
     adapter_dtype: torch.dtype       # what the adapter's tensors must be in
     module: fx.GraphModule
-    adapter_rank: int | None = None  # None: a full affine adapter (w, b); r: (u, vt, b)
     fold: torch.Tensor | None = None  # the head linear's weight the adapter folds into
     fn: Callable[..., Any] = field(init=False)
 
@@ -77,8 +75,7 @@ class CheckPiece:
         if self.fold is not None:
             out = int(self.fold.shape[0])
             return [(out, width), (out,)]
-        r = self.adapter_rank
-        return [(width, width), (width,)] if r is None else [(width, r), (r, width), (width,)]
+        return [(width, width), (width,)]
 
     def run(self, env: dict[fx.Node, Any], adapter: tuple[torch.Tensor, ...],
             cut: torch.Tensor, prev: torch.Tensor | None, rows: int) -> CheckResult:
@@ -121,7 +118,7 @@ def summary(signal: str, out: Any) -> Any:
 
 def signal_of(signal: str, out: Any, prev: Any | None) -> tuple[Any, Any]:
     """(signal, summary) per row for the head output ``out`` (the row-mode signal of
-    :func:`dyncompile.runtime.exit_program._signal`, written for graphs)."""
+    :func:`dyncompile.forms.early_exit.program._signal`, written for graphs)."""
     if signal == CONFIDENCE:
         conf, pred = _logits(out).softmax(-1).max(-1)
         if prev is not None:
@@ -162,7 +159,7 @@ def _reference_mean(out: Proxy, node: fx.Node) -> Proxy:
     v = node.meta.get("example_value", node.meta.get("val"))
     if (isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dim() == 3
             and v.dtype == torch.float32):
-        from ..ops.token_mean.cpu import kernel_available
+        from ...ops.token_mean.cpu import kernel_available
 
         if kernel_available():
             return torch.ops.dyncompile.token_mean(out)
@@ -257,10 +254,8 @@ def head_linear(pool: Piece, post: Piece, param: Callable[[fx.Node], torch.Tenso
 
 def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, mode: str,
                 primary: fx.Node, pool: Piece | None = None, post: Piece | None = None,
-                adapter_rank: int | None = None,
                 param: Callable[[fx.Node], torch.Tensor | None] | None = None) -> CheckPiece:
     """Segment ``exit - 1`` fused with exit ``exit``'s check (``mode`` MEAN or POOLED);
-    ``adapter_rank``: the exit adapters are identity plus rank r (else full affine);
     ``param``: the parameter behind a weight node, to fold the adapter into the head's
     first linear where that alone reads the pooled rows (POOLED)."""
     if mode not in (MEAN, POOLED):
@@ -270,8 +265,6 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
     gm = segment.module if not segment.nodes else segment.nodes[0].graph.owning_module
     assert gm is not None
     fold = head_linear(pool, post, param) if mode == POOLED and param is not None else None
-    if fold is not None:
-        adapter_rank = None  # the folded adapter is one full matrix whatever its rank
     b = _Builder()
     f, state, first = stream[-1], stream[exit], stream[0]
     head_nodes = [*(pool.nodes if pool else []), *(post.nodes if post else [])]
@@ -281,10 +274,7 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
     for n in [*segment.inputs, *_outside(head_nodes, known), *passed]:
         if n not in b.have:
             b.placeholder(n)
-    if adapter_rank is None:
-        mats = [b.graph.placeholder("adapter_w")]
-    else:
-        mats = [b.graph.placeholder("adapter_u"), b.graph.placeholder("adapter_vt")]
+    w_node = b.graph.placeholder("adapter_w")
     bias_node = b.graph.placeholder("adapter_b")
     cut_node = b.graph.placeholder("cut")
     takes_prev = exit > 1
@@ -293,10 +283,8 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
     bias = b.proxy(bias_node)
 
     def adapt(x: Proxy) -> Proxy:
-        """The adapter without its bias: ``x @ w.T``, or ``x + (x @ vt.T) @ u.T``."""
-        if adapter_rank is None:
-            return F.linear(x, b.proxy(mats[0]))
-        return x + F.linear(F.linear(x, b.proxy(mats[1])), b.proxy(mats[0]))
+        """The adapter without its bias: ``x @ w.T``."""
+        return F.linear(x, b.proxy(w_node))
 
     def head_outputs(at: fx.Node, adapted: bool) -> dict[fx.Node, Proxy]:
         """The head's outputs (POOLED) for the stream value ``at``."""
@@ -315,7 +303,7 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
                 # The pooling of ones is the same on every channel (the runtime checked
                 # that pooling commutes with a channel map): one column scales W @ b.
                 site = fold[0]
-                y = F.linear(b.proxy(pooled[o]), b.proxy(mats[0])) + bias * scale[..., :1]
+                y = F.linear(b.proxy(pooled[o]), b.proxy(w_node)) + bias * scale[..., :1]
                 if site.bias is not None:
                     y = y + b.proxy(b.get(site.bias))
                 folded[site.node] = y.node
@@ -365,5 +353,5 @@ def build_check(exit: int, segment: Piece, stream: list[fx.Node], signal: str, m
         else sv.dtype
     return CheckPiece(exit=exit, segment=segment, inputs=b.inputs, heads=heads,
                       takes_prev=takes_prev, summary_shape=shape, summary_dtype=dtype,
-                      adapter_dtype=adapter_dtype, module=module, adapter_rank=adapter_rank,
+                      adapter_dtype=adapter_dtype, module=module,
                       fold=None if fold is None else fold[1])

@@ -25,18 +25,25 @@ one of them stays dense (logged).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
-from ...ops.expert_ffn import op as _ffn_op  # noqa: F401  (registers the op)
+from ...core import stats as _stats
+from ...core.options import checked, choice, positive_int
+from ...core.registry import register_form
 from ...ops.expert_ffn.reference import ACTIVATIONS, apply_activation, expert_widths
-from ...ops.expert_route import op as _route_op  # noqa: F401  (registers the op)
 from ...ops.expert_route.cpu import native_bf16, route_lane, route_mask, router_scores
-from ...runtime import stats as _stats
-from ...runtime.expert_fit import (
+from ...passes.base import Pass, PassContext
+from ...passes.blocks import FFNBlock
+from ...passes.graph_utils import op_kind, shape_of
+from ...passes.linears import LinearSite
+from ...passes.splice import copy_meta, glu_product, replaced_node
+from ...passes.weights import Weights
+from . import ops as _ops  # noqa: F401  (registers expert_route and expert_ffn)
+from .fit import (
     TAUS,
     Router,
     balanced_kmeans,
@@ -44,27 +51,33 @@ from ...runtime.expert_fit import (
     select,
     train_router,
 )
-from ..base import Pass, PassContext, positive_int
-from ..blocks import FFNBlock
-from ..graph_utils import op_kind, shape_of
-from ..linears import LinearSite
-from . import register_form
-from .splice import copy_meta, glu_product, replaced_node
-from .weights import Weights
 
 log = logging.getLogger("dyncompile")
 
-OPTIONS: dict[str, Any] = {
-    "experts": positive_int,        # experts per FFN; default: hidden // expert_size
-    "expert_size": positive_int,    # hidden units per expert when experts is not given (64)
-    "router_hidden": positive_int,  # router MLP width (default min(128, model width / 2))
-    "router_steps": positive_int,   # router training steps (default 400)
-    "max_tokens": positive_int,     # calibration tokens kept per FFN (default 8192)
-    "layout": ("input_major", "as_is"),
-    # The router's first matmul: "bf16" operands (fp32 accumulation, bias and the rest
-    # fp32), "fp32", or "auto": bf16 on a CPU with native bf16 dot products.
-    "router_precision": ("auto", "bf16", "fp32"),
-}
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    """``form_options={"expert": {...}}``; None means the default named below.
+
+    experts: experts per FFN (default: hidden // expert_size).
+    expert_size: hidden units per expert when ``experts`` is not given (64).
+    router_hidden: router MLP width (min(128, model width / 2)).
+    router_steps: router training steps (400).
+    max_tokens: calibration tokens kept per FFN (8192).
+    layout: "input_major" (down weights switched once, in place) or "as_is".
+    router_precision: the router's first matmul: "bf16" operands (fp32 accumulation,
+        bias and the rest fp32), "fp32", or "auto": bf16 on a CPU with native bf16 dot
+        products.
+    """
+
+    experts: int | None = checked(None, positive_int)
+    expert_size: int | None = checked(None, positive_int)
+    router_hidden: int | None = checked(None, positive_int)
+    router_steps: int | None = checked(None, positive_int)
+    max_tokens: int | None = checked(None, positive_int)
+    layout: str = choice("input_major", "as_is")
+    router_precision: str = choice("auto", "bf16", "fp32")
 _POINTWISE = {"activation", "arith", "cast", "dropout", "view"}
 REFINE_BUDGETS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 
@@ -451,13 +464,13 @@ class ExpertForm(Pass):
     """Rewrite each FFN into a router plus a dynamic-k mixture of contiguous experts."""
 
     name = "expert"
-    version = "1"
-    options = OPTIONS
+    Options = ExpertOptions
     runtime = ExpertRuntime
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         assert ctx.blocks is not None and ctx.state is not None
-        opts = dict(ctx.config.form_options.get(self.name, {}))
+        opts = {k: v for k, v in asdict(ctx.config.options_for(self.name)).items()
+                if v is not None}
         runtime = ctx.state.form(self.name, lambda: ExpertRuntime(opts))
         weights = Weights(gm, ctx, convert=opts.get("layout", "input_major") == "input_major")
         done = 0

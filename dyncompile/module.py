@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import DynConfig, validate_budget
-from ..errors import trace_error
-from . import stats as _stats
-from .budget import BudgetState
+from .core import stats as _stats
+from .core.budget import BudgetState
+from .core.config import DynConfig, validate_budget
+from .core.errors import trace_error
 
 log = logging.getLogger("dyncompile")
 
@@ -28,7 +30,7 @@ class DynModule(nn.Module):
 
     def __init__(self, model: nn.Module, config: DynConfig, dynamic: bool | None = None) -> None:
         super().__init__()
-        from ..backend import dyn_backend
+        from .backend import dyn_backend
 
         self.model = model
         self.config = config
@@ -37,9 +39,9 @@ class DynModule(nn.Module):
         self._traced = False
         self._dynamic = dynamic
         self._compiled_forward: Any = None
-        from ..passes.rewrite import FORMS
+        from .core.registry import forms
 
-        self._mark_batch = any(FORMS[m].dynamic_batch for m in config.methods)
+        self._mark_batch = any(forms()[m].dynamic_batch for m in config.methods)
         self._warned_eager = False
         options: dict[str, Any] = {**_options(config), "state": self.state}
         # Kept out of the module tree so state_dict() holds each weight once.
@@ -55,8 +57,6 @@ class DynModule(nn.Module):
 
         ``dyncompile.load(model, path)`` rebuilds the same optimized model.
         """
-        from .persist import save
-
         return save(self, path)
 
     @property
@@ -89,7 +89,7 @@ class DynModule(nn.Module):
         if not hasattr(self.model, "generate"):
             raise AttributeError(f"{type(self.model).__name__} has no generate()")
         if self._compiled_forward is None:
-            from ..backend import dyn_backend
+            from .backend import dyn_backend
 
             options = {**_options(self.config), "state": self.state}
             compiled = torch.compile(self.model.forward, backend=dyn_backend,
@@ -147,7 +147,7 @@ class DynModule(nn.Module):
         self.state.finalize_calibration()
 
         def run_at(value: float) -> None:
-            from .budget import budget
+            from .core.budget import budget
 
             with torch.no_grad(), budget(value):
                 for batch in batches:
@@ -216,3 +216,71 @@ def _tb(e: BaseException) -> list:
     import traceback
 
     return traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
+
+
+# -- save / load: what calibration fitted, so an optimized model is rebuilt without data.
+#
+# ``opt.save(path)`` writes ``path/dyncompile.json`` (config and each form's metadata)
+# and ``path/dyncompile.safetensors`` (each form's tensors: threshold tables, routers,
+# permutations, curves). ``dyncompile.load(model, path)`` builds the same optimized
+# model around the original model, restoring every form's runtime (and re-applying
+# weight permutations) before the first call, so nothing is recalibrated.
+
+FORMAT = 1
+_JSON = "dyncompile.json"
+_TENSORS = "dyncompile.safetensors"
+
+
+def save(opt: DynModule, path: str | Path) -> Path:
+    """Write the config and every calibrated form of ``opt`` under the folder ``path``."""
+    from safetensors.torch import save_file
+
+    pending = opt.state.pending_calibration()
+    if pending or not opt.state.forms and opt.config.methods:
+        raise RuntimeError("nothing to save yet: run calibration batches first "
+                           f"(uncalibrated: {', '.join(pending) or ', '.join(opt.config.methods)})")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    forms: dict[str, Any] = {}
+    for name, runtime in opt.state.forms.items():
+        t, meta = runtime.export()
+        forms[name] = meta
+        for k, v in t.items():
+            tensors[f"{name}:{k}"] = v.detach().cpu().clone().contiguous()
+    cfg = opt.config
+    doc = {"format": FORMAT, "config": {"budget": cfg.budget, "methods": list(cfg.methods),
+                                        "compiler": cfg.compiler,
+                                        "form_options": {k: dict(v) for k, v in
+                                                         cfg.form_options.items()}},
+           "forms": forms}
+    (folder / _JSON).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    save_file(tensors, str(folder / _TENSORS))
+    return folder
+
+
+def load(model: torch.nn.Module, path: str | Path, *, compiler: str | None = None,
+         dynamic: bool | None = None) -> DynModule:
+    """Rebuild the optimized model saved at ``path`` around ``model`` (the original weights)."""
+    from safetensors.torch import load_file
+
+    from .core.registry import forms
+
+    folder = Path(path)
+    if not (folder / _JSON).is_file():
+        raise FileNotFoundError(f"no saved dyncompile model at {folder} (missing {_JSON})")
+    doc = json.loads((folder / _JSON).read_text())
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{folder}: unsupported format {doc.get('format')!r}")
+    cfg = dict(doc["config"])
+    if compiler is not None:
+        cfg["compiler"] = compiler
+    opt = DynModule(model, DynConfig(**cfg), dynamic=dynamic)
+    tensors = load_file(str(folder / _TENSORS))
+    for name, meta in doc["forms"].items():
+        prefix = f"{name}:"
+        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        runtime = forms()[name].runtime()
+        runtime.restore(mine, meta, model)
+        opt.state.forms[name] = runtime
+    return opt
