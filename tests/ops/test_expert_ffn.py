@@ -203,9 +203,9 @@ def test_block_kernel_reads_packed_up_weights(glu, bias, activation, tile, monke
         y = expert_ffn_cpu(*args, m, activation, "grouped")[0]
         assert cpu.packs_made - before == (2 if glu else 1)  # up (and gate), once each
         _close(y, expert_ffn_reference(*args, m, activation))
-        monkeypatch.setattr(cpu, "PACK_WEIGHTS", False)
-        _close(y, expert_ffn_cpu(*args, m, activation, "grouped")[0])
-        monkeypatch.setattr(cpu, "PACK_WEIGHTS", True)
+        with monkeypatch.context() as mp:  # the unpacked block path gives the same
+            mp.setattr(cpu, "_packed16", lambda w: cpu._EMPTY)
+            _close(y, expert_ffn_cpu(*args, m, activation, "grouped")[0])
 
 
 def test_packed_weights_made_once_and_follow_changes():

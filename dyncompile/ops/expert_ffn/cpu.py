@@ -3,7 +3,7 @@
 Expert e's weights are row blocks ``w_up[lo:hi]`` / ``w_down_t[lo:hi]``: every
 path works on views and skips the experts no token picks. The one copy is made
 once per weight, not per call: the block kernel's packed up (and gate) weights
-(``_packed16``, ``PACK_WEIGHTS``). Paths (``choose_path`` picks one per call
+(``_packed16``). Paths (``choose_path`` picks one per call
 from the actual mask):
 
 - fused (C++): for a few fp32 tokens, each selected expert's up and down rows
@@ -65,8 +65,7 @@ def kernel_available() -> bool:
 # The block kernel reads the up (and gate) weights from a copy packed [H/16, D, 16]
 # (units in blocks of 16, each input-major), made once per weight (and again after an
 # in-place change): the up projection then reads the tokens' rows in place, no gather.
-# Costs one more copy of those weights in memory; False turns it off.
-PACK_WEIGHTS = True
+# Costs one more copy of those weights in memory.
 _ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
 # id(base tensor) -> (weak reference to it, {(data_ptr, shape, stride): (version, copy)}).
 _PACKED: dict[int, tuple[weakref.ref, dict]] = {}
@@ -77,7 +76,7 @@ packs_made = 0  # how many packed copies were made (tests check it stays at one 
 def _packed16(w: torch.Tensor | None) -> torch.Tensor:
     """``w`` [H, D] fp32 packed [H/16, D, 16], cached per weight; empty where not packed."""
     global packs_made
-    if w is None or not PACK_WEIGHTS or w.dtype != torch.float32 or w.dim() != 2 \
+    if w is None or w.dtype != torch.float32 or w.dim() != 2 \
             or w.shape[0] % 16:
         return _EMPTY
     base = w._base if w._base is not None else w
