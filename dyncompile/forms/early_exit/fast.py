@@ -7,19 +7,19 @@ layer's kernels have streamed its weights through the caches, every Python
 object the loop touches is a cache miss. Summed over six layers that was 2.4%
 of the forward, half of what checking every exit cost when no row left.
 
-:func:`build` writes, for one exit plan, one Python function that calls the
-pieces in order (a segment fused with its exit check where the exit is checked,
-the plain segment where it is not, then the last segment and the head) with
-every value in a local variable, and returns as soon as a check says that a row
-leaves. The runner then rebuilds its environment from the values made so far
-and resumes its generic loop at that exit, with that check's outputs: the
+:func:`build` lays out, for one exit plan, the pieces to call in order (a segment
+fused with its exit check where the exit is checked, the plain segment where it is
+not, then the last segment and the head) over a flat list of value slots, and
+:class:`FastRows` runs them in one tight loop that returns as soon as a check says
+that a row leaves. The runner then rebuilds its environment from the values made
+so far and resumes its generic loop at that exit, with that check's outputs: the
 straight line only ever covers the exits at which nobody left.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,19 +31,68 @@ DONE = 0  # what ``FastRows.fn`` returns first when every row ran every layer
 
 
 @dataclass(eq=False)
+class _Step:
+    """One piece call: read ``ins`` slots (or ``extra`` values per call), write ``outs``."""
+
+    label: str
+    fn: Callable[[list[Any]], Any]
+    ins: list[int]
+    outs: list[tuple[int, int]]        # (output index, slot)
+    exit: int = 0                      # k > 0: exit k's fused check
+    n_out: int = 0                     # the check's segment outputs (its flags follow)
+    prev: int | None = None            # slot of the previous check's summary, if read
+    zeros: Callable[[int], torch.Tensor] | None = None  # the summary when not evaluated
+    made: list[int] = field(default_factory=list)  # slots made so far (for a bail-out)
+
+
+@dataclass(eq=False)
 class FastRows:
-    """One generated run of every layer of an exit graph for one exit plan.
+    """One straight-line run of every layer of an exit graph for one exit plan.
 
     ``fn(args, adapters, cuts)`` takes the graph's placeholder values, a tuple per exit
     of the adapter tensors its check takes (empty where it is not checked) and each
     exit's cut. It returns ``(DONE, outputs, first)`` (the graph's outputs, the stream
     after layer 0) when no row left, else ``(k, check_outputs, values)``: exit ``k``'s
     fused check said that a row leaves, and ``values`` are those of ``bail_nodes[k]``.
+    ``labels``: the pieces called, in order (``C<k>`` a fused check, ``S<k>`` a plain
+    segment, ``S_last``, ``H``).
     """
 
-    fn: Callable[..., tuple[int, Any, Any]]
+    steps: list[_Step]
+    n_slots: int
+    n_args: int
+    first: int
+    outputs: list[tuple[bool, Any]]    # (is a slot, slot or constant)
     bail_nodes: dict[int, list[fx.Node]]
-    source: str
+
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.steps]
+
+    def fn(self, args: Sequence[Any], adapters: Sequence[Sequence[Any]],
+           cuts: Sequence[Any]) -> tuple[int, Any, Any]:
+        vals: list[Any] = [None] * self.n_slots
+        vals[:self.n_args] = args
+        summary: Any = None
+        for st in self.steps:
+            ins = [vals[i] for i in st.ins]
+            k = st.exit
+            if k:
+                ins += adapters[k - 1]
+                ins.append(cuts[k - 1])
+                if st.prev is not None:
+                    ins.append(summary)
+                elif st.zeros is not None:
+                    ins.append(st.zeros(vals[self.first].shape[0]))
+            o = st.fn(ins)
+            for j, slot in st.outs:
+                vals[slot] = o[j]
+            if k:
+                if o[st.n_out + 3]:
+                    return k, o, tuple(vals[i] for i in st.made)
+                summary = o[st.n_out + 1]
+        outs = tuple(vals[v] if is_slot else v for is_slot, v in self.outputs)
+        return DONE, outs, vals[self.first]
 
 
 def bind(fn: Callable[..., Any]) -> Callable[[list[Any]], Any]:
@@ -67,29 +116,28 @@ def build(g: Any, checks: Sequence[Any], checked: Sequence[bool],
     (``checks[k - 1]``) where ``checked[k - 1]``; ``zeros(check, rows)`` makes the
     previous summary of a check whose previous exit was not evaluated. None when an
     output of the graph is not made by its pieces."""
-    names: dict[fx.Node, str] = {}
-    made: list[fx.Node] = []
-    glob: dict[str, Any] = {}
-    lines = ["def fast(args, adapters, cuts):"]
-    for i, p in enumerate(g.placeholders):
-        names[p] = f"p{i}"
-        made.append(p)
-    if g.placeholders:
-        lines.append(f"    {', '.join(names[p] for p in g.placeholders)}, = args")
+    slots: dict[fx.Node, int] = {p: i for i, p in enumerate(g.placeholders)}
+    made: list[fx.Node] = list(g.placeholders)
+    steps: list[_Step] = []
 
-    def name(n: fx.Node) -> str:
-        if n not in names:
-            names[n] = f"v{len(names)}"
-        return names[n]
+    def slot(n: fx.Node) -> int:
+        if n not in slots:
+            slots[n] = len(slots)
+        return slots[n]
 
-    def call(fn_name: str, fn: Any, args: list[str], outputs: list[fx.Node]) -> None:
-        glob[fn_name] = bind(fn)
-        lines.append(f"    o = {fn_name}([{', '.join(args)}])")
+    def step(label: str, fn: Any, inputs: list[fx.Node], outputs: list[fx.Node],
+             **kw: Any) -> _Step:
+        ins = [slots[n] for n in inputs]
+        outs = []
         for j, node in enumerate(outputs):
-            if node not in names or not names[node].startswith("p"):  # not passed through
-                lines.append(f"    {name(node)} = o[{j}]")
-                if node not in made:
-                    made.append(node)
+            if node in g.placeholders:  # passed through: the slot already holds it
+                continue
+            outs.append((j, slot(node)))
+            if node not in made:
+                made.append(node)
+        st = _Step(label, bind(fn), ins, outs, **kw)
+        steps.append(st)
+        return st
 
     bail: dict[int, list[fx.Node]] = {}
     first = g.stream[1] if len(g.stream) > 1 else g.stream[-1]
@@ -97,38 +145,31 @@ def build(g: Any, checks: Sequence[Any], checked: Sequence[bool],
         if not checked[k - 1]:
             seg = g.segments[k - 1]
             if seg.nodes:
-                call(f"S{k}", seg.fn, [names[n] for n in seg.inputs], seg.outputs)
+                step(f"S{k}", seg.fn, seg.inputs, seg.outputs)
             continue
         c = checks[k - 1]
-        n_out = len(c.segment.outputs)
-        args = [names[n] for n in c.inputs]
-        lines.append(f"    a = adapters[{k - 1}]")
-        args += [f"a[{j}]" for j in range(len(c.adapter_shapes(g.width)))]
-        args.append(f"cuts[{k - 1}]")
+        prev, zero = None, None
         if c.takes_prev:
             if checked[k - 2]:
-                args.append(f"s{k - 1}")
+                prev = k - 1
             else:
-                glob[f"Z{k}"] = lambda rows, c=c: zeros(c, rows)
-                args.append(f"Z{k}({names[first]}.shape[0])")
-        call(f"C{k}", c.fn, args, c.segment.outputs)
+                zero = lambda rows, c=c: zeros(c, rows)  # noqa: E731
+        st = step(f"C{k}", c.fn, c.inputs, c.segment.outputs, exit=k,
+                  n_out=len(c.segment.outputs), prev=prev, zeros=zero)
         bail[k] = list(made)
-        lines.append(f"    if o[{n_out + 3}]:")
-        lines.append(f"        return {k}, o, ({''.join(names[n] + ', ' for n in made)})")
-        lines.append(f"    s{k} = o[{n_out + 1}]")
+        st.made = [slots[n] for n in made]
     for p, label in ((g.segments[g.exits], "S_last"), (g.head, "H")):
         if p.nodes:
-            call(label, p.fn, [names[n] for n in p.inputs], p.outputs)
-    outs = []
-    for i, o in enumerate(g.outputs):
+            step(label, p.fn, p.inputs, p.outputs)
+    outputs: list[tuple[bool, Any]] = []
+    for o in g.outputs:
         if isinstance(o, fx.Node):
-            if o not in names:
+            if o not in slots:
                 return None
-            outs.append(names[o])
+            outputs.append((True, slots[o]))
         else:
-            glob[f"K{i}"] = o
-            outs.append(f"K{i}")
-    lines.append(f"    return {DONE}, ({''.join(x + ', ' for x in outs)}), {names[first]}")
-    source = "\n".join(lines) + "\n"
-    exec(compile(source, f"<dyncompile early-exit rows: {len(lines)} lines>", "exec"), glob)
-    return FastRows(fn=glob["fast"], bail_nodes=bail, source=source)
+            outputs.append((False, o))
+    if first not in slots:
+        return None
+    return FastRows(steps=steps, n_slots=len(slots), n_args=len(g.placeholders),
+                    first=slots[first], outputs=outputs, bail_nodes=bail)
