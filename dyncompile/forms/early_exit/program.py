@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from ...core import stats as _stats
-from ...passes.graph_utils import is_param
 from ...program.pieces import Piece
+from ...program.rows import fixed_layouts, node_example, take_rows
 from . import fast as exit_fast
 from .modes import CONFIDENCE, CONVERGENCE, FULL, MEAN, POOLED  # noqa: F401  (re-exported)
 
@@ -143,7 +143,7 @@ class ExitGraph:
                       *[p for p in (self.pool, self.post) if p is not None]]
             for p in [*pieces, *([self.whole] if self.whole is not None else [])]:
                 if p.nodes:
-                    example = self._piece_example(p)
+                    example = self._piecenode_example(p)
                     with inductor_config.patch(size_asserts=not fixed_layouts(p.inputs,
                                                                               example)):
                         p.fn = DirectCall(compile_fx(p.module, example), p.module)
@@ -152,79 +152,43 @@ class ExitGraph:
                 # Its other inputs (adapter, cut, previous summary) the runtime makes
                 # contiguous.
                 with inductor_config.patch(size_asserts=not fixed_layouts(c.inputs)):
-                    c.fn = DirectCall(compile_fx(c.module, self._check_example(c)), c.module)
+                    c.fn = DirectCall(compile_fx(c.module, self._checknode_example(c)), c.module)
                 self.graphs += 1
         self.compiled = True
 
-    def _piece_example(self, p: Piece) -> list[Any]:
+    def _piecenode_example(self, p: Piece) -> list[Any]:
         """Example inputs of a piece: the fake values dynamo recorded, except that the post
         piece reads its pooled values row-major (``_post_at`` hands them over so: adapted
         rows are new tensors, where the traced value could be a view such as the first
         token's row of the stream)."""
         pooled = set(self.pool.outputs) if p is self.post and self.pool is not None else set()
-        example = [_example(n) for n in p.inputs]
+        example = [node_example(n) for n in p.inputs]
         # new_empty, not contiguous(): a view with one row counts as contiguous whatever
         # its strides, and Inductor cannot bind a size seen only in a stride.
         return [v.new_empty(v.shape) if n in pooled and isinstance(v, torch.Tensor) else v
                 for n, v in zip(p.inputs, example)]
 
-    def _check_example(self, c: Any) -> list[Any]:
+    def _checknode_example(self, c: Any) -> list[Any]:
         """Example inputs of a fused check: its graph values', then fake adapter weights,
         the cut and, from exit 2 on, the previous exit's summary (symbolic batch)."""
         from torch._subclasses.fake_tensor import FakeTensor
 
         from .checks import summary
 
-        example = [_example(n) for n in c.inputs]
+        example = [node_example(n) for n in c.inputs]
         fake = next(x.fake_mode for x in example if isinstance(x, FakeTensor))
         width = self.width
-        dev = _example(self.stream[-1]).device  # adapter and cut live with the stream
+        dev = node_example(self.stream[-1]).device  # adapter and cut live with the stream
         with fake:
             example += [torch.empty(shape, dtype=c.adapter_dtype, device=dev)
                         for shape in c.adapter_shapes(width)]
             example.append(torch.empty((), dtype=torch.float32, device=dev))
         if c.takes_prev:
-            ref = _example(self.stream[c.exit - 1] if self.checks_mode == MEAN
+            ref = node_example(self.stream[c.exit - 1] if self.checks_mode == MEAN
                            else self.primary)
             with fake:
                 example.append(summary(self.signal, ref))
         return example
-
-
-def _example(n: fx.Node) -> Any:
-    return n.meta.get("example_value", n.meta.get("val"))
-
-
-def row_major(t: torch.Tensor) -> bool:
-    """Whether ``t`` (a real or fake tensor, sizes possibly symbolic) is known to be laid
-    out row-major contiguous for every value of its symbols."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    expected: Any = 1
-    for size, stride in zip(reversed(t.shape), reversed(t.stride())):
-        if not (statically_known_true(size == 1) or statically_known_true(stride == expected)):
-            return False
-        expected = expected * size
-    return True
-
-
-def fixed_layouts(inputs: list[fx.Node], example: list[Any] | None = None) -> bool:
-    """Whether a piece reading these graph values can be compiled without Inductor's
-    per-call input checks (``size_asserts``; at one 128-token row their Python cost was
-    about 1% of the forward over a model's pieces).
-
-    Dynamo's guards check the graph's own inputs (parameters among them) and Inductor
-    gives a piece's outputs the strides the traced graph had (``keep_output_stride``).
-    What else a piece reads the runner makes: rows selected out of a batch
-    (:func:`select_rows`, which keeps the stride order), a frozen or adapted stream,
-    zeros. Those come out row-major when the value they replace was, so the checks are
-    left out only where every value that is not a parameter is row-major (``example``:
-    the values the piece is compiled for, if not those dynamo recorded)."""
-    example = [_example(n) for n in inputs] if example is None else example
-    for n, v in zip(inputs, example):
-        if isinstance(v, torch.Tensor) and not is_param(n) and not row_major(v):
-            return False
-    return True
 
 
 def _signal(g: ExitGraph, out: torch.Tensor, prev: torch.Tensor | None,
@@ -283,32 +247,6 @@ def _post_at(g: ExitGraph, env: dict[fx.Node, Any], pooled: list[torch.Tensor],
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-3) -> bool:
     a, b = a.float(), b.float()
     return a.shape == b.shape and bool((a - b).abs().max() <= tol * (b.abs().max() + 1.0))
-
-
-def select_rows(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``v.index_select(0, idx)`` laid out like ``v`` (same stride order): compiled pieces
-    check their inputs' strides."""
-    if v.is_contiguous() or v.dim() < 2:
-        return v.index_select(0, idx)
-    order = sorted(range(v.dim()), key=lambda d: (-v.stride(d), d))
-    shape = list(v.shape)
-    shape[0] = idx.numel()
-    out = v.new_empty([shape[d] for d in order]).permute(
-        *sorted(range(v.dim()), key=order.__getitem__))
-    out.copy_(v.index_select(0, idx))
-    return out
-
-
-def _rows(env: dict[fx.Node, Any], g: ExitGraph, idx: torch.Tensor) -> dict[fx.Node, Any]:
-    out = {}
-    for n, v in env.items():
-        if n in g.batch and isinstance(v, torch.Tensor):
-            out[n] = select_rows(v, idx)
-        elif n in g.batch_ints:
-            out[n] = int(idx.numel())
-        else:
-            out[n] = v
-    return out
 
 
 class ExitRunner:
@@ -645,7 +583,7 @@ class ExitRunner:
                     if o in env and o not in done:
                         parts.setdefault(o, []).append((alive, env[o]))
                         done.add(o)
-                left = _rows(env, g, gone)
+                left = take_rows(env, g.batch, g.batch_ints, gone)
                 if heads is not None:
                     outs = {o: v.index_select(0, gone) if o in g.batch else v
                             for o, v in heads.items()}
@@ -673,7 +611,7 @@ class ExitRunner:
                 if alive.numel() == 0:
                     finished = True
                     break
-                env = _rows(env, g, stay)
+                env = take_rows(env, g.batch, g.batch_ints, stay)
                 summ = summ.index_select(0, stay)
                 if ones_all is not None:
                     ones_all = [o.index_select(0, stay) for o in ones_all]

@@ -8,11 +8,11 @@ import transformers
 import dyncompile
 from dyncompile.core.budget import BudgetState
 from dyncompile.forms.early_exit.fit import QualityMap, ThresholdCurve, exit_layers, isotonic
-from dyncompile.forms.early_exit.program import fixed_layouts, row_major
 from dyncompile.forms.early_exit.rewrite import EarlyExitForm, fit_affine
 from dyncompile.module import call_batch
 from dyncompile.passes.base import PassContext
 from dyncompile.passes.detect import detect_blocks
+from dyncompile.program.rows import fixed_layouts, row_major
 from dyncompile.testing import assert_matches_dense, compare_outputs
 from dyncompile.testing.zoo import ZOO
 from tests.conftest import capture_graphs
