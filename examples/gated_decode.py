@@ -4,7 +4,7 @@
 
 Optimizes a tiny random-init Llama from ``dyncompile.testing.zoo`` with
 ``methods=["gated"]``: every linear of its FFN and attention blocks becomes a
-``dyncompile::sparse_linear`` that skips the input channels with |x| below a
+``dyncompile::gated_linear`` that skips the input channels with |x| below a
 threshold. Thresholds are |x| quantiles recorded while the calibration batches
 run through the graph. ``compiler="eager"`` runs the rewritten graph without
 Inductor, so this takes seconds on a CPU (the first run also builds the C++

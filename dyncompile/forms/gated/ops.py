@@ -19,7 +19,7 @@ from ...core import stats as _stats
 from ...core.budget import get_state
 from ...ops.cats_glu.cpu import cats_glu_cpu
 from ...ops.cats_glu.reference import cats_glu_reference
-from ...ops.sparse_linear import op as _sparse
+from ...ops.sparse_linear import kernels as _sparse
 from ...ops.sparse_linear.reference import sparse_linear_reference
 from .thresholds import lookup, peek
 

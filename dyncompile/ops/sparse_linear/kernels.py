@@ -1,10 +1,11 @@
-"""Registration of ``torch.ops.dyncompile.sparse_linear``.
+"""sparse_linear's kernels, chosen per call: ``run_cpu`` and ``run_cuda``.
 
 CPU: the C++ row-skipping kernel when it pays (few tokens, a sparse union of
 active channels), else one dense GEMM on the masked input; the choice is made
-per call from the actual mask. CUDA: the Triton kernel. ``run_cpu`` and
-``run_cuda`` also give what the call skipped (the gated form's ops report it);
-the registered op returns the product alone.
+per call from the actual mask. CUDA: the Triton kernel. Both also give what the
+call skipped. No op is registered here: the gated form's ops
+(``dyncompile::gated_linear``, ``dyncompile::cats_glu``) call these with the
+threshold for the budget in force.
 """
 
 from __future__ import annotations
@@ -21,20 +22,6 @@ SPARSE_MAX_ACTIVE = 0.85
 # Up to this many tokens the row walk over an input-major weight beats a GEMM
 # even with every row active (measured: 4 tokens, 768 -> 3072, 0.6 of F.linear's time).
 SPARSE_ALWAYS_TOKENS = 8
-
-
-@torch.library.custom_op("dyncompile::sparse_linear", mutates_args=())
-def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                  threshold: torch.Tensor) -> torch.Tensor:
-    """``(x * (|x| >= threshold)) @ weight_t + bias``; weight_t is [in, out] (input-major)."""
-    from .reference import sparse_linear_reference
-
-    return sparse_linear_reference(x, weight_t, bias, threshold)
-
-
-@sparse_linear.register_fake
-def _(x, weight_t, bias, threshold):
-    return x.new_empty(*x.shape[:-1], weight_t.shape[1])
 
 
 def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
@@ -57,11 +44,6 @@ def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
     return y.to(x.dtype).reshape(*x.shape[:-1], n_out), dense - spent, float(pairs)
 
 
-@sparse_linear.register_kernel("cpu")
-def _cpu(x, weight_t, bias, threshold):
-    return run_cpu(x, weight_t, bias, float(threshold))[0]
-
-
 def run_cuda(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
              thr: float, count: bool = True
              ) -> tuple[torch.Tensor, float, float]:  # pragma: no cover - needs a GPU
@@ -76,28 +58,3 @@ def run_cuda(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
         kept = float((x.abs() >= thr).sum())
     return (sparse_linear_triton(x, weight_t, bias, thr), 2.0 * n * n_out * (n_in - kept),
             kept)
-
-
-@sparse_linear.register_kernel("cuda")
-def _cuda(x, weight_t, bias, threshold):  # pragma: no cover - needs a GPU
-    return run_cuda(x, weight_t, bias, float(threshold), count=False)[0]
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight_t, bias, threshold = inputs
-    ctx.save_for_backward(x, weight_t, threshold)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad):
-    x, weight_t, threshold = ctx.saved_tensors
-    mask = x.abs() >= threshold
-    kept = x * mask
-    g2 = grad.reshape(-1, grad.shape[-1])
-    grad_x = (grad @ weight_t.t()) * mask
-    grad_w = kept.reshape(-1, x.shape[-1]).t() @ g2
-    grad_b = g2.sum(0) if ctx.has_bias else None
-    return grad_x, grad_w, grad_b, None
-
-
-sparse_linear.register_autograd(_backward, setup_context=_setup_context)
