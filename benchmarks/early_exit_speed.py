@@ -12,7 +12,7 @@ leave": the overhead of the exit checks and of running in pieces), the same
 with the checks run on their own instead of inside the layer pieces ("checks
 unfused"), the layers run piece by piece with no check ("pieces, no check"),
 the first and the last of these through the runner's generic loop instead of
-its straight-line path (", generic loop"; ``runtime/exit_fast.py``),
+its straight-line path (", generic loop"; ``dyncompile/forms/early_exit/fast.py``),
 and budgets 0.8 / 0.6 / 0.4, with the spent FLOP fraction and mean depth the
 runtime reports. Also counts the graphs dynamo compiled for the pieces.
 
@@ -46,7 +46,7 @@ SHAPES = ((1, 128), (32, 128))
 NONE_LEAVE = "checked, none leave"
 UNFUSED = "checked, none leave, checks unfused"
 PIECES = "pieces, no check"
-GENERIC = ", generic loop"  # the same without the straight-line path (runtime.exit_fast)
+GENERIC = ", generic loop"  # the same without the straight-line path (forms/early_exit/fast.py)
 
 
 _FAST: dict[tuple[int, bool, bool], dict] = {}

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-Batch = Any  # a dict of kwargs, a tuple of args, or a tensor (see runtime.module.call_batch)
+Batch = Any  # a dict of kwargs, a tuple of args, or a tensor (see dyncompile.module.call_batch)
 
 
 class Workload(ABC):

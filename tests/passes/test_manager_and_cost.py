@@ -1,4 +1,4 @@
-"""Pass manager (graph before/after, uuid) and the symbolic cost model."""
+"""Pass manager (graph before/after each pass) and the symbolic cost model."""
 
 import sympy
 import torch

@@ -132,7 +132,7 @@ class ExitRuntime:
         self._cuts: dict[tuple[int, float], torch.Tensor] = {}
         self._mats: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
         # Per (graph, threshold, grad mode, fused checks): the straight-line path of a
-        # call where no row leaves (runtime.exit_fast), with the adapters and cuts it takes.
+        # call where no row leaves (forms/early_exit/fast.py), with the adapters and cuts it takes.
         self._fast: dict[tuple[Any, ...], Any] = {}
         self.recording = False
         self.graphs: list[ExitGraph] = []  # the cut graphs using this runtime

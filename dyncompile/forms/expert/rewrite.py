@@ -55,7 +55,6 @@ from .fit import (
 log = logging.getLogger("dyncompile")
 
 
-
 @dataclass(frozen=True)
 class ExpertOptions:
     """``form_options={"expert": {...}}``; None means the default named below.
@@ -78,6 +77,8 @@ class ExpertOptions:
     max_tokens: int | None = checked(None, positive_int)
     layout: str = choice("input_major", "as_is")
     router_precision: str = choice("auto", "bf16", "fp32")
+
+
 _POINTWISE = {"activation", "arith", "cast", "dropout", "view"}
 REFINE_BUDGETS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 

@@ -1,7 +1,7 @@
 """CPU fast path of the router: scores and dynamic-k selection in as few passes as possible.
 
 ``route_mask`` computes ``select(router_scores(fc1, fc2, x, bf16), tau)``
-(``runtime.expert_fit.select``). ``route_tokens`` (C++) runs the whole router in
+(``dyncompile.forms.expert.fit.select``). ``route_tokens`` (C++) runs the whole router in
 one pass over the tokens: the first layer from packed weights in register tiles
 of four tokens by 64 hidden units (with ``bf16``, the operands rounded to bf16
 and AVX512-BF16 dot products, fp32 accumulation: on a CPU with native bf16 dot

@@ -1,4 +1,4 @@
-"""The straight-line path of an early-exit call (``runtime.exit_fast``): it gives what the
+"""The straight-line path of an early-exit call (``forms/early_exit/fast.py``): it gives what the
 generic row loop gives (outputs, spent compute, depth), when no row leaves and when rows
 leave at some exit and the loop resumes there; its generated code calls each piece once."""
 
