@@ -10,8 +10,8 @@ import dyncompile
 from dyncompile.forms.early_exit.checks import build_check
 from dyncompile.forms.early_exit.fit import QualityMap
 from dyncompile.ops.token_mean.cpu import kernel_available as token_mean_available
-from tests.passes.test_early_exit import SMALL, _bert, _ids, _plan, _size_asserts
-from tests.passes.test_exit_pooling import PooledClassifier, _cal, _masked, _ops
+from tests.forms.early_exit.test_early_exit import SMALL, _bert, _ids, _plan, _size_asserts
+from tests.forms.early_exit.test_pooling import PooledClassifier, _cal, _masked, _ops
 
 
 def _body(gm):

@@ -8,8 +8,8 @@ import torch
 
 import dyncompile
 from dyncompile.forms.early_exit import program as exit_program
-from tests.passes.test_early_exit import _bert, _ids
-from tests.passes.test_exit_pooling import PooledClassifier, _cal, _masked
+from tests.forms.early_exit.test_early_exit import _bert, _ids
+from tests.forms.early_exit.test_pooling import PooledClassifier, _cal, _masked
 
 
 def _optimized(which):

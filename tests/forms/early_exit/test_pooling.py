@@ -12,7 +12,7 @@ from dyncompile.forms.early_exit.program import ExitRunner
 from dyncompile.forms.early_exit.rewrite import fit_pooled
 from dyncompile.passes.pooling import find_pooling
 from dyncompile.testing import assert_matches_dense
-from tests.passes.test_early_exit import SMALL, _ids, _plan
+from tests.forms.early_exit.test_early_exit import SMALL, _ids, _plan
 
 CLASSES = 5
 
@@ -176,7 +176,7 @@ def test_pooled_checks_cost_little_when_no_row_leaves():
 def test_stream_output_decides_on_the_token_mean(monkeypatch):
     """An encoder returning the stream: the convergence signal reads the token mean of
     the adapted state, which is the adapter applied to the token mean (one row)."""
-    from tests.passes.test_early_exit import _bert
+    from tests.forms.early_exit.test_early_exit import _bert
     model = _bert()
     opt = dyncompile.optimize(model, methods=["early_exit"],
                               calibration=[_ids(8, 8, s) for s in range(3)], compiler="eager")
