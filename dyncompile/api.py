@@ -12,7 +12,7 @@ from torch import nn
 
 from .core.config import DynConfig, validate_budget, validate_methods
 from .core.errors import trace_error
-from .module import DynModule, call_batch
+from .module import DynModule, call_batch, own_model
 from .passes.blocks import Block, evaluate
 from .passes.cost import bind_sizes
 from .passes.detect import BlockSet, detect_blocks
@@ -21,7 +21,7 @@ from .passes.detect import BlockSet, detect_blocks
 def optimize(model: nn.Module, budget: float = 1.0, methods: Iterable[str] | str | None = None,
              calibration: Iterable[Any] | None = None, *, compiler: str = "inductor",
              form_options: Mapping[str, Mapping[str, Any]] | None = None,
-             dynamic: bool | None = None) -> DynModule:
+             dynamic: bool | None = None, inplace: bool = False) -> DynModule:
     """Compile ``model`` with the ``dyn`` backend and return a budget-controlled module.
 
     budget: default fraction of dense FLOPs to spend, in (0, 1]; change it any
@@ -30,12 +30,15 @@ def optimize(model: nn.Module, budget: float = 1.0, methods: Iterable[str] | str
     calibration: batches (dicts of kwargs, tuples of args, or tensors) run once
         now, to trace, compile and calibrate the forms.
     compiler: "inductor" (default) or "eager" (rewritten graph, not compiled).
+    inplace: let forms that change parameters (``gated``: memory order; ``expert``:
+        a function-preserving permutation) change ``model`` itself. By default they
+        work on a copy (``opt.model``) and ``model`` is left as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes an nn.Module, got {type(model).__name__}")
     config = DynConfig(budget=validate_budget(budget), methods=validate_methods(methods),
                        compiler=compiler, form_options=dict(form_options or {}))
-    opt = DynModule(model, config, dynamic=dynamic)
+    opt = DynModule(own_model(model, config.methods, inplace), config, dynamic=dynamic)
     if calibration is not None:
         opt.calibrate(calibration)
     return opt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -259,9 +260,30 @@ def save(opt: DynModule, path: str | Path) -> Path:
     return folder
 
 
+def own_model(model: nn.Module, methods: Iterable[str], inplace: bool) -> nn.Module:
+    """``model`` itself when ``inplace`` or when no form in ``methods`` changes parameters,
+    else a deep copy (same values, ties kept), so the caller's model stays as it was."""
+    from .core.registry import forms
+
+    registry = forms()
+    if inplace or not any(registry[m].mutates_weights for m in methods):
+        return model
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001  (say what to do instead)
+        raise TypeError(
+            f"dyncompile: {', '.join(m for m in methods if registry[m].mutates_weights)} "
+            f"change the model's weights (memory order, permutations), so optimize() works "
+            f"on a copy, but {type(model).__name__} could not be copied ({type(e).__name__}: "
+            f"{e}); pass inplace=True to let the forms change this model") from e
+
+
 def load(model: torch.nn.Module, path: str | Path, *, compiler: str | None = None,
-         dynamic: bool | None = None) -> DynModule:
-    """Rebuild the optimized model saved at ``path`` around ``model`` (the original weights)."""
+         dynamic: bool | None = None, inplace: bool = False) -> DynModule:
+    """Rebuild the optimized model saved at ``path`` around ``model`` (the original weights).
+
+    As with ``optimize()``, ``model`` is left as it was unless ``inplace=True``.
+    """
     from safetensors.torch import load_file
 
     from .core.registry import forms
@@ -275,7 +297,9 @@ def load(model: torch.nn.Module, path: str | Path, *, compiler: str | None = Non
     cfg = dict(doc["config"])
     if compiler is not None:
         cfg["compiler"] = compiler
-    opt = DynModule(model, DynConfig(**cfg), dynamic=dynamic)
+    config = DynConfig(**cfg)
+    model = own_model(model, config.methods, inplace)
+    opt = DynModule(model, config, dynamic=dynamic)
     tensors = load_file(str(folder / _TENSORS))
     for name, meta in doc["forms"].items():
         prefix = f"{name}:"

@@ -47,6 +47,10 @@ class Pass:
     #: True when the form needs the batch dimension traced symbolically (it changes the
     #: number of rows between pieces); ``DynModule`` then marks dim 0 of inputs dynamic.
     dynamic_batch: bool = False
+    #: True when the form changes the model's parameters (their memory order, or a
+    #: permutation that keeps the function): ``optimize()`` then works on a copy of the
+    #: model unless asked to work in place.
+    mutates_weights: bool = False
 
     def __init__(self, config: DynConfig) -> None:
         self.config = config

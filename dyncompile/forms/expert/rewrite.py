@@ -466,6 +466,7 @@ class ExpertForm(Pass):
 
     name = "expert"
     Options = ExpertOptions
+    mutates_weights = True
     runtime = ExpertRuntime
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:

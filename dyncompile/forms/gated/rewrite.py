@@ -198,6 +198,7 @@ class GatedForm(Pass):
 
     name = "gated"
     Options = GatedOptions
+    mutates_weights = True
     runtime = GatedRuntime
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:

@@ -65,8 +65,9 @@ def test_budget_one_is_dense_and_the_permutation_keeps_the_function(name):
     reference = entry.build()              # an untouched copy (same seed, same weights)
     _, model, opt = _optimized(name)
     inputs = entry.inputs(2, 8)
-    # the FFN weights were permuted in place, yet the model computes the same function
-    assert assert_matches_dense(reference, model, inputs, atol=1e-5) < 1e-5
+    # the FFN weights of the optimized copy were permuted, yet it computes the same function
+    assert opt.model is not model
+    assert assert_matches_dense(reference, opt.model, inputs, atol=1e-5) < 1e-5
     assert assert_matches_dense(reference, opt, inputs, atol=1e-5) < 1e-5
     assert_no_recompile(opt, inputs, budgets=(1.0, 0.8, 0.5, 0.3))
 
@@ -112,9 +113,11 @@ def test_save_and_load_restore_an_identical_model(tmp_path):
             with dyncompile.budget(b):
                 a, c = opt(**inputs).logits, loaded(**inputs).logits
             torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
-    for (n1, p1), (n2, p2) in zip(model.named_parameters(), fresh.named_parameters(),
-                                  strict=True):
+    for (n1, p1), (n2, p2) in zip(opt.model.named_parameters(),
+                                  loaded.model.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)   # the same permutation was applied
+    for p1, p2 in zip(fresh.parameters(), entry.build().parameters(), strict=True):
+        assert torch.equal(p1, p2)                # and the model given to load() kept its own
 
 
 def test_save_before_calibration_is_a_clear_error(tmp_path):
