@@ -66,6 +66,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
     manager = PassManager.from_config(config)
     ctx = PassContext(config=config, example_inputs=list(example_inputs), state=state)
     gm = manager.run(gm, ctx, capture=capture)
+    for form, names in ctx.rewritten.items():
+        state.rewritten.setdefault(form, {}).update(dict.fromkeys(names))
     for line in ctx.log:
         log.info(line)
     blocks = ctx.blocks

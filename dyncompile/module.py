@@ -60,6 +60,15 @@ class DynModule(nn.Module):
         """
         return save(self, path)
 
+    def report(self) -> RewriteReport:
+        """What each selected form rewrote in the graphs compiled so far (after a call)."""
+        from .core.registry import forms
+
+        registry = forms()
+        return RewriteReport({m: list(self.state.rewritten.get(m, {})) for m in
+                              self.config.methods},
+                             {m: registry[m].looks_for for m in self.config.methods})
+
     @property
     def budget(self) -> float:
         """Default budget of this model's calls, a fraction of dense FLOPs in (0, 1]."""
@@ -136,7 +145,7 @@ class DynModule(nn.Module):
         compiled graphs; the forms' ops record what they need, then fit their tables."""
         from tqdm.auto import tqdm
 
-        batches = list(batches)
+        batches = check_batches(batches)
         self.state.calibrating = True
         try:
             for batch in tqdm(batches, desc="calibrating", disable=not progress or
@@ -155,6 +164,31 @@ class DynModule(nn.Module):
                     call_batch(self, batch)
 
         self.state.refine_calibration(run_at)
+
+
+class RewriteReport:
+    """``opt.report()``: per selected form, the names of what it rewrote (sites, FFN blocks,
+    exits); ``str()`` gives a table."""
+
+    def __init__(self, rewritten: dict[str, list[str]], looks_for: dict[str, str]) -> None:
+        self.rewritten = rewritten
+        self.looks_for = looks_for
+
+    def __str__(self) -> str:
+        if not self.rewritten:
+            return "no form selected (methods=[]): nothing rewritten"
+        lines = []
+        for form, names in self.rewritten.items():
+            if names:
+                shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)"
+                                                if len(names) > 4 else "")
+                lines.append(f"{form}: {len(names)} rewritten: {shown}")
+            else:
+                lines.append(f"{form}: nothing rewritten (looks for "
+                             f"{self.looks_for.get(form) or 'its blocks'})")
+        return "\n".join(lines)
+
+    __repr__ = __str__
 
 
 def _mark_batch_dynamic(values: list[Any]) -> None:
@@ -191,6 +225,30 @@ def _mark_batch_dynamic(values: list[Any]) -> None:
     for t in tensors:
         if t.dim() >= 1 and t.shape[0] == first.shape[0]:
             torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+def check_batches(batches: Any) -> list[Any]:
+    """The calibration batches as a list; ValueError for an empty set or a batch that is
+    not a dict of keyword arguments, a tuple / list of positional ones, or a tensor."""
+    if isinstance(batches, (torch.Tensor, dict)):
+        raise ValueError("calibration must be a list of batches (each a dict of keyword "
+                         "arguments, a tuple of positional ones, or a tensor), not one "
+                         f"{type(batches).__name__}: wrap it as [batch]")
+    try:
+        batches = list(batches)
+    except TypeError:
+        raise ValueError(f"calibration must be a list of batches, got "
+                         f"{type(batches).__name__}") from None
+    if not batches:
+        raise ValueError("calibration is empty: give at least one batch shaped like the "
+                         "inputs the model will see (the forms fit their thresholds, routers "
+                         "and exits on it)")
+    for i, b in enumerate(batches):
+        if not isinstance(b, (dict, tuple, list, torch.Tensor)):
+            raise ValueError(f"calibration batch {i} is a {type(b).__name__}: each batch "
+                             f"must be a dict of keyword arguments, a tuple of positional "
+                             f"ones, or a tensor")
+    return batches
 
 
 def call_batch(fn: Any, batch: Any) -> Any:
@@ -254,7 +312,8 @@ def save(opt: DynModule, path: str | Path) -> Path:
                                         "compiler": cfg.compiler,
                                         "form_options": {k: dict(v) for k, v in
                                                          cfg.form_options.items()}},
-           "forms": forms}
+           "forms": forms,
+           "params": {n: list(p.shape) for n, p in opt.model.named_parameters()}}
     (folder / _JSON).write_text(json.dumps(doc, indent=1, default=str) + "\n")
     save_file(tensors, str(folder / _TENSORS))
     return folder
@@ -278,6 +337,24 @@ def own_model(model: nn.Module, methods: Iterable[str], inplace: bool) -> nn.Mod
             f"{e}); pass inplace=True to let the forms change this model") from e
 
 
+def _check_params(folder: Path, saved: dict[str, list[int]] | None, model: nn.Module) -> None:
+    """ValueError naming the first parameter the saved model had and ``model`` lacks (or
+    has in another shape)."""
+    if saved is None:  # saved before parameters were recorded
+        return
+    have = {n: list(p.shape) for n, p in model.named_parameters()}
+    for name, shape in saved.items():
+        if name not in have:
+            raise ValueError(
+                f"{folder} was saved from a model with parameter {name!r}, which "
+                f"{type(model).__name__} does not have: load() needs the model the plan "
+                f"was fitted on")
+        if have[name] != shape:
+            raise ValueError(
+                f"{folder} was saved from a model whose parameter {name!r} has shape "
+                f"{tuple(shape)}; in {type(model).__name__} it has {tuple(have[name])}")
+
+
 def load(model: torch.nn.Module, path: str | Path, *, compiler: str | None = None,
          dynamic: bool | None = None, inplace: bool = False) -> DynModule:
     """Rebuild the optimized model saved at ``path`` around ``model`` (the original weights).
@@ -298,6 +375,7 @@ def load(model: torch.nn.Module, path: str | Path, *, compiler: str | None = Non
     if compiler is not None:
         cfg["compiler"] = compiler
     config = DynConfig(**cfg)
+    _check_params(folder, doc.get("params"), model)
     model = own_model(model, config.methods, inplace)
     opt = DynModule(model, config, dynamic=dynamic)
     tensors = load_file(str(folder / _TENSORS))

@@ -62,6 +62,8 @@ class BudgetState:
         self.lock = threading.RLock()
         self.calibrating = False
         self.forms: dict[str, Any] = {}
+        # What each form rewrote, over every graph compiled for this state (names, in order).
+        self.rewritten: dict[str, dict[str, None]] = {}
         self.id = next(_ids)
         _STATES[self.id] = self
 

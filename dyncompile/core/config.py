@@ -95,6 +95,11 @@ class DynConfig:
         if self.compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {_COMPILERS}, got {self.compiler!r}")
         validate_form_options(self.form_options)
+        unused = [f for f in self.form_options if f not in self.methods]
+        if unused:
+            raise ValueError(
+                f"form_options names {', '.join(map(repr, unused))}, not in methods "
+                f"{list(self.methods)}: add it to methods or drop its options")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> DynConfig:

@@ -28,6 +28,8 @@ class PassContext:
     # A form that runs the graph itself (cut into pieces) sets this: a callable over the
     # graph's inputs, with ``compile(compiler)``; the backend then returns it.
     program: Any = None
+    # What each form rewrote in this graph (the names its ``run`` returned).
+    rewritten: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Pass:
@@ -39,6 +41,8 @@ class Pass:
     """
 
     name: str = "pass"
+    #: What a form rewrites, in words: named in the warning when it finds none.
+    looks_for: str = ""
     #: A form's options: a frozen dataclass whose fields use ``choice`` / ``checked``.
     Options: type = NoOptions
     #: A form's run-time data class (thresholds, routers...): ``runtime()`` builds an empty
@@ -60,5 +64,7 @@ class Pass:
         """``form_options[name]`` as this form's ``Options`` (ValueError if not allowed)."""
         return build_options(cls.Options, cls.name, raw)
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:  # pragma: no cover
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> list[str] | None:  # pragma: no cover
+        """Rewrite ``gm`` in place. A form returns the names of what it rewrote (empty: it
+        found nothing to rewrite, and the pass manager warns); None says nothing."""
         raise NotImplementedError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -74,7 +75,15 @@ class PassManager:
         if capture is not None:
             capture.append(Snapshot("input", gm.code, op_counts(gm)))
         for p in self.passes:
-            p.run(gm, ctx)
+            done = p.run(gm, ctx)
+            if done is not None:
+                ctx.rewritten.setdefault(p.name, []).extend(done)
+                if not done:
+                    found = ctx.blocks.counts() if ctx.blocks is not None else {}
+                    warnings.warn(
+                        f"dyncompile: form {p.name!r} rewrote nothing in this graph: it looks "
+                        f"for {p.looks_for or 'its blocks'}; detection found {found}",
+                        UserWarning, stacklevel=2)
             if capture is not None:
                 capture.append(Snapshot(p.name, gm.code, op_counts(gm)))
         gm.graph.lint()

@@ -501,21 +501,24 @@ class EarlyExitForm(Pass):
 
     name = "early_exit"
     Options = EarlyExitOptions
+    looks_for = ("a residual stream through two or more layers whose boundaries cut the "
+                 "graph cleanly")
     runtime = ExitRuntime
     dynamic_batch = True
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> list[str]:
         assert ctx.blocks is not None and ctx.state is not None
         graph = self.plan(gm, ctx)
         if isinstance(graph, str):
             ctx.log.append(f"early_exit: left dense ({graph})")
-            return
+            return []
         runtime = ctx.state.form(self.name, ExitRuntime)
         ctx.program = ExitRunner(graph, runtime, ctx.state)
         runtime.graphs.append(graph)
         gm.meta["dyn_exit_graph"] = graph
         ctx.log.append(f"early_exit: {graph.exits} exit(s), {graph.signal} signal"
                        f"{', per token' if graph.token_level else ''}")
+        return [f"exit {k} (after layer {k})" for k in range(1, graph.exits + 1)]
 
     def plan(self, gm: fx.GraphModule, ctx: PassContext) -> ExitGraph | str:
         """Cut ``gm`` for early exit, or say why it cannot be."""

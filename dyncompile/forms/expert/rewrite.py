@@ -466,6 +466,7 @@ class ExpertForm(Pass):
 
     name = "expert"
     Options = ExpertOptions
+    looks_for = "FFN blocks (up projection(s), activation, down projection)"
     mutates_weights = True
     runtime = ExpertRuntime
 
@@ -475,18 +476,19 @@ class ExpertForm(Pass):
                 if v is not None}
         runtime = ctx.state.form(self.name, lambda: ExpertRuntime(opts))
         weights = Weights(gm, ctx, convert=opts.get("layout", "input_major") == "input_major")
-        done = 0
+        done: list[str] = []
         for block in ctx.blocks.ffn:
             m = _match(block)
             if isinstance(m, str):
                 ctx.log.append(f"expert: FFN {block.name or block.output.name} left dense ({m})")
                 continue
             if self._rewrite(gm, m, ctx, weights, runtime, opts):
-                done += 1
+                done.append(block.name or block.output.name)
         gm.graph.eliminate_dead_code()
         gm.recompile()
         gm.meta["dyn_expert_sites"] = [s for s in runtime.sites]
-        ctx.log.append(f"expert: rewrote {done} of {len(ctx.blocks.ffn)} FFNs")
+        ctx.log.append(f"expert: rewrote {len(done)} of {len(ctx.blocks.ffn)} FFNs")
+        return done
 
     def _rewrite(self, gm: fx.GraphModule, m: _Match, ctx: PassContext, weights: Weights,
                  runtime: ExpertRuntime, opts: dict[str, Any]) -> bool:

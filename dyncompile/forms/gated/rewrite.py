@@ -198,10 +198,11 @@ class GatedForm(Pass):
 
     name = "gated"
     Options = GatedOptions
+    looks_for = "linears inside detected FFN and attention blocks"
     mutates_weights = True
     runtime = GatedRuntime
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> list[str]:
         assert ctx.blocks is not None and ctx.state is not None
         opts: GatedOptions = ctx.config.options_for(self.name)
         runtime = ctx.state.form(self.name, lambda: GatedRuntime(opts.allocation))
@@ -232,6 +233,7 @@ class GatedForm(Pass):
             ctx.log.append("gated: some GLU FFNs did not match down(act(gate(x)) * up(x)); "
                            "their linears are gated one by one")
         del self._weights
+        return [*gm.meta["dyn_gated_sites"], *gm.meta["dyn_cats_sites"]]
 
     # -- one linear -> gated_linear ------------------------------------------------------
     def _rewrite_linear(self, gm: fx.GraphModule, site: LinearSite, state_id: int,
