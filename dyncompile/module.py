@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import json
 import logging
+import types
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -45,9 +48,11 @@ class DynModule(nn.Module):
         self._mark_batch = any(forms()[m].dynamic_batch for m in config.methods)
         self._warned_eager = False
         options: dict[str, Any] = {**_options(config), "state": self.state}
-        # Kept out of the module tree so state_dict() holds each weight once.
+        # Kept out of the module tree so state_dict() holds each weight once. Compiled
+        # through an entry function of its own, so this model's graphs are cached on its
+        # own code object and never count against another model's recompile limit.
         object.__setattr__(self, "_compiled", torch.compile(
-            model, backend=dyn_backend, options=options, dynamic=dynamic))
+            own_entry(model), backend=dyn_backend, options=options, dynamic=dynamic))
         try:
             self.__signature__ = inspect.signature(model.forward)
         except (TypeError, ValueError):  # pragma: no cover
@@ -87,10 +92,11 @@ class DynModule(nn.Module):
                 self.stats = _stats.end_call(token)
             if self.stats.graphs == 0 and not self._warned_eager:
                 self._warned_eager = True
-                log.warning(
-                    "dyncompile: a call of %s ran no compiled graph: dynamo fell back to eager "
-                    "(recompile limit reached? see torch._dynamo.config.recompile_limit); "
-                    "forms are not applied to such calls", type(self.model).__name__)
+                warnings.warn(
+                    f"dyncompile: a call of {type(self.model).__name__} ran no compiled graph: "
+                    f"dynamo fell back to eager (recompile limit reached? see "
+                    f"torch._dynamo.config.recompile_limit); forms are not applied to such "
+                    f"calls", RuntimeWarning, stacklevel=2)
             return out
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -102,7 +108,7 @@ class DynModule(nn.Module):
             from .backend import dyn_backend
 
             options = {**_options(self.config), "state": self.state}
-            compiled = torch.compile(self.model.forward, backend=dyn_backend,
+            compiled = torch.compile(own_entry(self.model.forward), backend=dyn_backend,
                                      options=options, dynamic=self._dynamic)
             if self._mark_batch:
                 def forward(*a: Any, **k: Any) -> Any:
@@ -189,6 +195,22 @@ class RewriteReport:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+_entries = itertools.count()
+
+
+def own_entry(fn: Any) -> Any:
+    """``fn`` behind a function with a code object of its own. Dynamo caches compiled
+    graphs per code object and stops compiling one after ``recompile_limit`` entries; the
+    forward of every instance of a model class shares one code object, so without this
+    the ninth optimized model of a class would silently run eager."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    code = call.__code__.replace(co_name=f"dyncompile_entry_{next(_entries)}")
+    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
 def _mark_batch_dynamic(values: list[Any]) -> None:
