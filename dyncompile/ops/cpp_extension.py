@@ -10,8 +10,10 @@ folder is on every kernel's include path, so a kernel writes ``#include "common.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -23,8 +25,11 @@ log = logging.getLogger("dyncompile")
 # in well under a minute): left in place, every later load would wait on it forever.
 STALE_LOCK_S = 15 * 60
 
-# The folder of ``common.h``, put on every kernel's include path.
+# The folder of ``common.h``. A kernel's ``#include "common.h"`` is spliced in with the
+# header's text rather than put on the include path: the compile command then names no
+# folder of this checkout, so two checkouts (or a test run beside CI) share one build.
 INCLUDE_DIR = os.path.dirname(os.path.abspath(__file__))
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
 class InlineExtension:
@@ -49,12 +54,13 @@ class InlineExtension:
                 try:
                     from torch.utils.cpp_extension import load_inline
 
-                    clear_stale_lock(self.name)
+                    source = self.source()
+                    name = self.build_name(source)
+                    clear_stale_lock(name)
                     os.environ.setdefault("MAX_JOBS", "2")
                     self._module = load_inline(
-                        name=self.name, cpp_sources=[self.source()], functions=self.functions,
-                        extra_cflags=list(self.cflags), extra_include_paths=[INCLUDE_DIR],
-                        verbose=False)
+                        name=name, cpp_sources=[source], functions=self.functions,
+                        extra_cflags=list(self.cflags), verbose=False)
                 except Exception as e:  # noqa: BLE001  (no compiler: the op's torch path)
                     log.warning("dyncompile: C++ kernel %s unavailable (%s); using the torch "
                                 "path", self.name, e)
@@ -65,10 +71,27 @@ class InlineExtension:
         return self.load() is not None
 
     def source(self) -> str:
-        """The C++ handed to ``load_inline``: the ``defines``, then the file's text."""
+        """The C++ handed to ``load_inline``: the ``defines``, then the file's text with
+        each ``#include "header"`` of this folder replaced by the header's text."""
         with open(self.path, encoding="utf-8") as f:
             text = f.read()
+
+        def splice(m: re.Match) -> str:
+            header = os.path.join(INCLUDE_DIR, m.group(1))
+            if not os.path.isfile(header):
+                return m.group(0)
+            with open(header, encoding="utf-8") as f:
+                body = f.read().replace("#pragma once\n", "")
+            return f"// ---- {m.group(1)} ----\n{body}// ---- end of {m.group(1)} ----"
+
+        text = _LOCAL_INCLUDE.sub(splice, text)
         return "".join(f"#define {k} {v}\n" for k, v in self.defines.items()) + text
+
+    def build_name(self, source: str) -> str:
+        """``name`` plus a hash of the source and flags: each version of a kernel builds in
+        a folder of its own, so checkouts of different versions never rebuild each other's."""
+        key = "\0".join([source, *self.cflags]).encode()
+        return f"{self.name}_{hashlib.sha256(key).hexdigest()[:10]}"
 
 
 def clear_stale_lock(name: str, max_age_s: float = STALE_LOCK_S) -> bool:

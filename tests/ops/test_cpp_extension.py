@@ -84,3 +84,19 @@ def test_source_puts_the_defines_ahead_of_the_file(tmp_path):
                                         defines={"LIMIT": 1 << 18})
     assert ext.source() == "#define LIMIT 262144\nint64_t limit() { return LIMIT; }\n"
     assert cpp_extension.InlineExtension("x", src, ["limit"]).source() == src.read_text()
+
+
+def test_common_header_is_spliced_and_the_build_is_named_by_its_source(tmp_path):
+    from dyncompile.ops.expert_ffn import cpu
+
+    src = cpu._EXT.source()
+    assert '#include "common.h"' not in src and "static inline void dot4(" in src
+    # the same kernel from another checkout builds under the same name (no folder in it);
+    # another version of it under another
+    other = tmp_path / "expert_ffn.cpp"
+    other.write_text(pathlib.Path(cpu._EXT.path).read_text())
+    copy = cpp_extension.InlineExtension(cpu._EXT.name, other, cpu._EXT.functions,
+                                         cpu._EXT.cflags)
+    assert copy.build_name(copy.source()) == cpu._EXT.build_name(src)
+    other.write_text(pathlib.Path(cpu._EXT.path).read_text() + "\n// changed\n")
+    assert copy.build_name(copy.source()) != cpu._EXT.build_name(src)
