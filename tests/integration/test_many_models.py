@@ -1,9 +1,8 @@
 """Many optimized models of one class in one process: every call of every model runs its
-compiled graphs with the forms applied; a call that runs eager warns visibly."""
+compiled graphs with the forms applied (a call that runs eager warns: tests/core)."""
 
 import warnings
 
-import pytest
 import torch
 
 import dyncompile
@@ -24,16 +23,3 @@ def test_twelve_models_of_one_class_each_run_compiled():
             assert opt.stats.graphs == 1
             assert opt.stats.ratio("active_channels") < 0.9   # the form ran in this call
             assert len(opt.report().rewritten["gated"]) == 2
-
-
-def test_a_call_that_runs_eager_warns_once():
-    entry = ZOO["mlp"]
-    model = entry.build()
-    opt = dyncompile.optimize(model, compiler="eager")
-    object.__setattr__(opt, "_compiled", model)          # as if dynamo had fallen back
-    opt._traced = True
-    with pytest.warns(RuntimeWarning, match="ran no compiled graph"):
-        opt(*entry.inputs(1, 3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        opt(*entry.inputs(1, 3))                          # once only
