@@ -158,7 +158,6 @@ def expert_route(x: torch.Tensor, state_id: int, site: str, experts: int) -> tor
     return runtime.route(site, x2, state.value)
 
 
-expert_route_reference = expert_route
 _LIB.impl("expert_route", expert_route, "CompositeExplicitAutograd")
 
 
