@@ -15,7 +15,16 @@ import sympy
 import torch
 from torch import fx
 
-from .graph_utils import numel_expr, op_kind, placeholder_info, shape_of, sym, tensor_value
+from .graph_utils import (
+    einsum_flops,
+    matmul_operands,
+    numel_expr,
+    op_kind,
+    placeholder_info,
+    shape_of,
+    sym,
+    tensor_value,
+)
 from .linears import LinearSite
 
 
@@ -24,8 +33,12 @@ def node_flops(node: fx.Node, linears: dict[fx.Node, LinearSite]) -> sympy.Expr:
     if node in linears:
         return linears[node].flops()
     kind = op_kind(node)
-    if kind == "matmul" and node.target is not torch.einsum:
-        a = shape_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    if kind == "matmul" and node.target is torch.einsum:
+        flops = einsum_flops(node)
+        return sympy.Integer(0) if flops is None else sympy.sympify(flops)
+    if kind == "matmul":
+        ops = matmul_operands(node)
+        a = shape_of(ops[0]) if ops and isinstance(ops[0], fx.Node) else None
         out = shape_of(node)
         if a and out:
             return 2 * numel_expr(out) * sym(a[-1])

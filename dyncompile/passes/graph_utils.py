@@ -117,6 +117,47 @@ def is_param(node: Any) -> bool:
     return isinstance(node, fx.Node) and placeholder_info(node)[0] == "param"
 
 
+def matmul_operands(node: fx.Node) -> tuple[Any, Any] | None:
+    """The two multiplied operands of a matmul-like node, whatever its spelling:
+    ``a @ b``, ``matmul``/``bmm``/``mm(a, b)``, ``baddbmm(bias, a, b)`` (the bias is not an
+    operand) and two-operand ``einsum(eq, a, b)`` (or ``einsum(eq, [a, b])``); None
+    otherwise."""
+    if op_kind(node) != "matmul":
+        return None
+    args = node.args
+    if node.target is torch.einsum:
+        ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) \
+            else list(args[1:])
+        return (ops[0], ops[1]) if len(ops) == 2 else None
+    if node.target is torch.baddbmm or (node.op == "call_method" and node.target == "baddbmm"):
+        return (args[1], args[2]) if len(args) >= 3 else None
+    if node.op == "call_method":
+        return (args[0], args[1]) if len(args) >= 2 else None
+    return (args[0], args[1]) if len(args) >= 2 else None
+
+
+def einsum_flops(node: fx.Node) -> Any:
+    """2 x the product of every index's size for a two-operand ``einsum`` (a contraction:
+    each output element sums over the indices that do not appear in the output), or None
+    when the equation or the shapes are not at hand."""
+    ops = matmul_operands(node)
+    eq = node.args[0] if node.args else None
+    if ops is None or not isinstance(eq, str) or "->" not in eq or "." in eq:
+        return None
+    ins = eq.replace(" ", "").split("->")[0].split(",")
+    sizes: dict[str, Any] = {}
+    for letters, op in zip(ins, ops):
+        shape = shape_of(op) if isinstance(op, fx.Node) else None
+        if shape is None or len(shape) != len(letters):
+            return None
+        for c, n in zip(letters, shape):
+            sizes.setdefault(c, sym(n))
+    total: Any = 2
+    for n in sizes.values():
+        total = total * n
+    return total
+
+
 def is_weight_like(node: Any) -> bool:
     """A parameter, or a view/slice/cast of one (weights sliced out of a fused tensor)."""
     seen = 0

@@ -124,6 +124,57 @@ class PreNormTransformer(nn.Module):
         return self.norm(x)
 
 
+class WrittenAttention(nn.Module):
+    """Self-attention whose core is written by hand: ``core`` is "einsum" (scores and output
+    with ``torch.einsum``), "alibi" (scores from ``torch.baddbmm`` onto an ALiBi bias) or
+    "softcap" (scores squashed by ``tanh(s / c) * c`` before the softmax)."""
+
+    def __init__(self, d: int, heads: int, core: str) -> None:
+        super().__init__()
+        self.h, self.core = heads, core
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        slopes = torch.tensor([2.0 ** (-8 * (i + 1) / heads) for i in range(heads)])
+        self.register_buffer("slopes", slopes, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        dh = d // self.h
+        q, k, v = (p(x).view(b, s, self.h, dh).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if self.core == "einsum":
+            scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / dh ** 0.5
+            out = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v)
+        else:
+            q2, k2, v2 = (t.reshape(b * self.h, s, dh) for t in (q, k, v))
+            if self.core == "alibi":
+                dist = torch.arange(s, device=x.device).view(1, s) - \
+                    torch.arange(s, device=x.device).view(s, 1)
+                bias = (self.slopes.view(self.h, 1, 1) * -dist.abs()).repeat(b, 1, 1)
+                scores = torch.baddbmm(bias, q2, k2.transpose(1, 2), alpha=dh ** -0.5)
+            else:
+                scores = torch.bmm(q2, k2.transpose(1, 2)) / dh ** 0.5
+                scores = torch.tanh(scores / 30.0) * 30.0
+            out = torch.bmm(scores.softmax(-1), v2).view(b, self.h, s, dh)
+        return self.o(out.transpose(1, 2).reshape(b, s, d))
+
+
+class WrittenTransformer(nn.Module):
+    """Two pre-norm layers around a :class:`WrittenAttention` and a GELU MLP."""
+
+    def __init__(self, core: str, d: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.attn = nn.ModuleList(WrittenAttention(d, 4, core) for _ in range(layers))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(),
+                                               nn.Linear(2 * d, d)) for _ in range(layers))
+        self.n1 = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+        self.n2 = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attn, mlp, n1, n2 in zip(self.attn, self.mlp, self.n1, self.n2):
+            x = x + attn(n1(x))
+            x = x + mlp(n2(x))
+        return x
+
+
 class NoBlocks(nn.Module):
     """A model with no FFN, attention or residual block (a conv and a pool)."""
 
@@ -227,6 +278,12 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("prenorm", _built(PreNormTransformer), _tensor(lambda b, s: (b, s, 32)),
                  {"ffn": 2, "attention": 2, "residual": 4},
                  "hand-written pre-norm transformer on nn.MultiheadAttention"),
+        *(ZooEntry(f"attn-{core}", _built(WrittenTransformer, core),
+                   _tensor(lambda b, s: (b, s, 32)), {"ffn": 2, "attention": 2, "residual": 4},
+                   f"hand-written attention: {what}")
+          for core, what in (("einsum", "torch.einsum scores and output"),
+                             ("alibi", "torch.baddbmm scores onto an ALiBi bias"),
+                             ("softcap", "scores soft-capped by tanh before the softmax"))),
         ZooEntry("noblocks", _built(NoBlocks), _tensor(lambda b, s: (b, 4, s)),
                  {"ffn": 0, "attention": 0, "residual": 0}, "conv + pool, no blocks"),
     ]

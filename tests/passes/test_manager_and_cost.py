@@ -57,3 +57,21 @@ def test_inspect_rejects_bad_inputs():
         dyncompile.inspect(lambda x: x, (torch.ones(1),))
     with pytest.raises(TypeError):
         dyncompile.inspect(ZOO["mlp"].build(), 3)
+
+
+def test_einsum_and_baddbmm_are_counted_as_their_contractions():
+    """The attention core costs the same however it is written: einsum, baddbmm onto an
+    ALiBi bias (the bias is not an operand), or bmm with a soft cap."""
+    B, S = sympy.symbols("B S", positive=True, integer=True)
+    totals = {}
+    for name in ("attn-einsum", "attn-alibi", "attn-softcap"):
+        entry = ZOO[name]
+        report = dyncompile.inspect(entry.build(), entry.inputs(2, 6))
+        totals[name] = sympy.expand(report.total_flops)
+        cores = [b for b in report.blocks if b.kind == "attention"]
+        assert len(cores) == 2 and all(len(b.core) == 3 for b in cores)
+    # 2 layers x 2 products x 2 * B * heads(4) * S * S * head_dim(8), plus the linears
+    core = 2 * 2 * 2 * B * 4 * S * S * 8
+    linears = 2 * (4 * 2 * B * S * 32 * 32 + 2 * 2 * B * S * 32 * 64)
+    for name, total in totals.items():
+        assert sympy.simplify(total - (core + linears)) == 0, (name, total)

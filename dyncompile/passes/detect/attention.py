@@ -1,4 +1,10 @@
-"""Attention matcher: projections -> SDPA or matmul/softmax/matmul -> output projection."""
+"""Attention matcher: projections -> SDPA, or scores = f(q, k) -> softmax -> weights @ v,
+-> output projection.
+
+The core is found from the data flow, not the op's spelling: the two products are any
+matmul-like node (``@``, ``matmul``, ``bmm``, ``baddbmm`` onto a bias such as ALiBi's,
+two-operand ``einsum``), and the scores may pass through pointwise ops (scale, bias,
+mask, a ``tanh`` soft cap) on their way to the softmax."""
 
 from __future__ import annotations
 
@@ -6,7 +12,15 @@ import sympy
 from torch import fx
 
 from ..blocks import AttentionBlock, WeightRef
-from ..graph_utils import is_param, is_weight_like, numel_expr, op_kind, position, shape_of
+from ..graph_utils import (
+    is_param,
+    is_weight_like,
+    matmul_operands,
+    numel_expr,
+    op_kind,
+    position,
+    shape_of,
+)
 from ..linears import LinearSite
 
 # Ops between a projection and the attention core: reshapes, head splits,
@@ -15,12 +29,13 @@ _TO_CORE = {"view", "transpose", "cast", "getitem", "split", "arith", "cat", "dr
             "activation"}
 # Ops between the core and the output projection: reshapes only.
 _FROM_CORE = {"view", "transpose", "cast", "dropout", "getitem"}
-_SCORES = {"arith", "cast", "view", "transpose", "getitem", "other"}
+_SCORES = {"arith", "cast", "view", "transpose", "getitem", "other", "activation"}
 _MAX_WALK = 160
 
 
 def _is_core_matmul(n: fx.Node) -> bool:
-    return op_kind(n) == "matmul" and not any(is_weight_like(a) for a in n.args[:2])
+    ops = matmul_operands(n)
+    return ops is not None and not any(is_weight_like(a) for a in ops)
 
 
 def _projections(start: fx.Node, by_output: dict[fx.Node, LinearSite]) -> list[LinearSite]:
@@ -85,12 +100,12 @@ def _softmax_core(sm: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     for _ in range(6):
         users = list(n.users)
         if len(users) != 1:
-            mm = [u for u in users if _is_core_matmul(u) and u.args[0] is n]
+            mm = [u for u in users if _is_core_matmul(u) and matmul_operands(u)[0] is n]
             if len(mm) == 1:
                 return m1, mm[0]
             return None
         u = users[0]
-        if _is_core_matmul(u) and u.args[0] is n:
+        if _is_core_matmul(u) and matmul_operands(u)[0] is n:
             return m1, u
         if op_kind(u) not in ("dropout", "cast", "view"):
             return None
@@ -116,7 +131,7 @@ def find_attention(linears: dict[fx.Node, LinearSite], graph: fx.Graph) -> list[
             if pair is None:
                 continue
             m1, m2 = pair
-            q_op, k_op, v_op = m1.args[0], m1.args[1], m2.args[1]
+            (q_op, k_op), v_op = matmul_operands(m1), matmul_operands(m2)[1]
             core, core_out = [m1, node, m2], m2
         else:
             continue
