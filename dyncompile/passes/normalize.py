@@ -176,7 +176,19 @@ def _bind(signature_of: Any, node: fx.Node) -> dict[str, Any] | None:
 
 
 def expand_fused_attention(gm: fx.GraphModule) -> int:
-    """Replace fused attention calls by plain ops in place; returns how many were expanded."""
+    """Replace fused attention calls by plain ops in place; returns how many were expanded.
+
+    Rounds until none is left: a call whose input an earlier expansion made (stacked
+    encoder layers, each a fused call) has its shapes only after they are propagated."""
+    total = 0
+    while True:
+        count = _expand_round(gm)
+        total += count
+        if not count:
+            return total
+
+
+def _expand_round(gm: fx.GraphModule) -> int:
     targets = _targets()
     count = 0
     for node in list(gm.graph.nodes):

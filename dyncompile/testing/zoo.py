@@ -196,6 +196,15 @@ def _encoder_layer(batch_first: bool, norm_first: bool) -> Callable[[], nn.Modul
     return build
 
 
+def _encoder_stack(layers: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+
+    return build
+
+
 def _tensor(*shape_fn: Callable[[int, int], tuple[int, ...]]) -> Callable[[int, int], tuple]:
     def make(batch: int, seq: int) -> tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(0)
@@ -273,6 +282,9 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("encoder-layer-bf-nf", _encoder_layer(True, True),
                  _tensor(lambda b, s: (b, s, 32)), {"ffn": 1, "attention": 1, "residual": 2},
                  "nn.TransformerEncoderLayer, batch-first, pre-norm"),
+        ZooEntry("encoder-stack", _encoder_stack(2), _tensor(lambda b, s: (b, s, 32)),
+                 {"ffn": 2, "attention": 2, "residual": 4},
+                 "nn.TransformerEncoder of two layers (eval: fused fast-path calls)"),
         ZooEntry("mlp", _built(PlainMLP), _tensor(lambda b, s: (b, s, 32)),
                  {"ffn": 1, "attention": 0, "residual": 0}, "plain MLP"),
         ZooEntry("prenorm", _built(PreNormTransformer), _tensor(lambda b, s: (b, s, 32)),
