@@ -30,6 +30,20 @@ class PassContext:
     program: Any = None
     # What each form rewrote in this graph (the names its ``run`` returned).
     rewritten: dict[str, list[str]] = field(default_factory=dict)
+    # Which form owns each node it rewrote: a later form leaves those nodes alone.
+    claimed: dict[fx.Node, str] = field(default_factory=dict)
+
+    def claim(self, form: str, nodes: Any) -> None:
+        """Mark ``nodes`` as rewritten by ``form``: later forms must not rewrite them."""
+        for n in nodes:
+            if isinstance(n, fx.Node):
+                self.claimed.setdefault(n, form)
+
+    def owner(self, node: fx.Node) -> str | None:
+        """The form that claimed ``node``, or None when it is free (and still in the graph)."""
+        if node in self.claimed:
+            return self.claimed[node]
+        return "erased" if getattr(node, "_erased", False) else None
 
 
 class Pass:
@@ -51,6 +65,12 @@ class Pass:
     #: True when the form needs the batch dimension traced symbolically (it changes the
     #: number of rows between pieces); ``DynModule`` then marks dim 0 of inputs dynamic.
     dynamic_batch: bool = False
+    #: Order among the selected forms (lower runs first), which is also who owns a block
+    #: that several forms could rewrite: ``expert`` (10) takes FFN blocks, ``gated`` (20)
+    #: the linears left over (attention projections included), then the forms that act on
+    #: the layer stack (``token`` 80, ``early_exit`` 90), which cut the rewritten graph
+    #: into pieces.
+    stage: int = 50
     #: True when the form changes the model's parameters (their memory order, or a
     #: permutation that keeps the function): ``optimize()`` then works on a copy of the
     #: model unless asked to work in place.

@@ -66,7 +66,8 @@ class PassManager:
     def from_config(cls, config: DynConfig) -> PassManager:
         registry = forms()
         passes: list[Pass] = [NormalizePass(config), DetectPass(config)]
-        passes += [registry[m](config) for m in config.methods]
+        passes += [registry[m](config) for m in
+                   sorted(config.methods, key=lambda m: (registry[m].stage, m))]
         return cls(passes)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext,

@@ -22,6 +22,11 @@ def replaced_node(site: LinearSite) -> fx.Node:
     return site.node
 
 
+#: ``node.meta`` key: FLOPs per row of the dense linears a form's op replaced (so a later
+#: form's cost model still counts the work the op stands for).
+LINEAR_FLOPS = "dyn_linear_flops"
+
+
 def copy_meta(src: fx.Node, dst: fx.Node) -> None:
     """Give ``dst`` the value and provenance metadata of the node it replaces."""
     dst.meta.update({k: v for k, v in src.meta.items() if k in _META})

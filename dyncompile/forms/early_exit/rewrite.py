@@ -48,6 +48,7 @@ from ...passes.graph_utils import (
 )
 from ...passes.linears import LinearSite
 from ...passes.pooling import find_pooling, live_nodes
+from ...passes.splice import LINEAR_FLOPS
 from ...passes.weights import Weights
 from ...program.pieces import build_piece
 from .checks import build_check
@@ -491,8 +492,8 @@ def _is_batch(node: fx.Node, batch: sympy.Expr, inputs_derived: set[fx.Node]) ->
 
 
 def _linear_cost(nodes: list[fx.Node], linears: dict[fx.Node, LinearSite]) -> float:
-    return float(sum(2 * linears[n].in_features * linears[n].out_features
-                     for n in nodes if n in linears))
+    return float(sum(2 * linears[n].in_features * linears[n].out_features if n in linears
+                     else n.meta.get(LINEAR_FLOPS, 0.0) for n in nodes))
 
 
 @register_form
@@ -500,6 +501,7 @@ class EarlyExitForm(Pass):
     """Cut the graph at its layer boundaries and let rows exit where the head is sure."""
 
     name = "early_exit"
+    stage = 90
     Options = EarlyExitOptions
     looks_for = ("a residual stream through two or more layers whose boundaries cut the "
                  "graph cleanly")

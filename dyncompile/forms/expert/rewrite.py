@@ -40,7 +40,7 @@ from ...passes.base import Pass, PassContext
 from ...passes.blocks import FFNBlock
 from ...passes.graph_utils import op_kind, shape_of
 from ...passes.linears import LinearSite
-from ...passes.splice import copy_meta, glu_product, replaced_node
+from ...passes.splice import LINEAR_FLOPS, copy_meta, glu_product, replaced_node
 from ...passes.weights import Weights
 from . import ops as _ops  # noqa: F401  (registers expert_route and expert_ffn)
 from .fit import (
@@ -465,6 +465,7 @@ class ExpertForm(Pass):
     """Rewrite each FFN into a router plus a dynamic-k mixture of contiguous experts."""
 
     name = "expert"
+    stage = 10
     Options = ExpertOptions
     looks_for = "FFN blocks (up projection(s), activation, down projection)"
     mutates_weights = True
@@ -482,8 +483,12 @@ class ExpertForm(Pass):
             if isinstance(m, str):
                 ctx.log.append(f"expert: FFN {block.name or block.output.name} left dense ({m})")
                 continue
+            if any(ctx.owner(n) for n in block.nodes):
+                continue
             if self._rewrite(gm, m, ctx, weights, runtime, opts):
                 done.append(block.name or block.output.name)
+                ctx.claim(self.name, [*block.nodes, *(s.node for s in block.up),
+                                      block.down.node if block.down else None])
         gm.graph.eliminate_dead_code()
         gm.recompile()
         gm.meta["dyn_expert_sites"] = [s for s in runtime.sites]
@@ -535,5 +540,7 @@ class ExpertForm(Pass):
                                  m.gate.bias if m.gate is not None else None, w_down_t,
                                  m.down.bias, mask, m.activation))
         copy_meta(replace, y)
+        y.meta[LINEAR_FLOPS] = float(sum(2 * s.in_features * s.out_features for s in
+                                         [m.up, m.down, *([m.gate] if m.gate else [])]))
         replace.replace_all_uses_with(y)
         return True

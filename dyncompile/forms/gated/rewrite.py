@@ -38,7 +38,7 @@ from ...passes.base import Pass, PassContext
 from ...passes.blocks import FFNBlock
 from ...passes.graph_utils import shape_of
 from ...passes.linears import LinearSite
-from ...passes.splice import copy_meta, glu_product, replaced_node
+from ...passes.splice import LINEAR_FLOPS, copy_meta, glu_product, replaced_node
 from ...passes.weights import Weights
 from . import ops as _ops  # noqa: F401  (registers gated_linear and cats_glu)
 from .allocation import GreedyPath, SiteCost, uniform_sparsity
@@ -197,6 +197,7 @@ class GatedForm(Pass):
     """Rewrite FFN and attention linears into budget-controlled sparse linears."""
 
     name = "gated"
+    stage = 20
     Options = GatedOptions
     looks_for = "linears inside detected FFN and attention blocks"
     mutates_weights = True
@@ -208,18 +209,21 @@ class GatedForm(Pass):
         runtime = ctx.state.form(self.name, lambda: GatedRuntime(opts.allocation))
         cats = []
         if opts.glu == "cats":
-            cats = [m for m in map(_match_cats, ctx.blocks.ffn) if m is not None]
+            cats = [m for m in map(_match_cats, ctx.blocks.ffn) if m is not None
+                    and not any(ctx.owner(n) for n in m.block.nodes)]
         taken = {id(s) for m in cats for s in (m.up, m.down, m.block.gate)}
         sites: list[LinearSite] = []
         for block in [*ctx.blocks.ffn, *ctx.blocks.attention]:
             for s in [*getattr(block, "up", []), getattr(block, "down", None),
                       getattr(block, "q", None), getattr(block, "k", None),
                       getattr(block, "v", None), getattr(block, "o", None)]:
-                if s is not None and s not in sites and id(s) not in taken:
+                if (s is not None and s not in sites and id(s) not in taken
+                        and ctx.owner(s.node) is None and ctx.owner(s.output) is None):
                     sites.append(s)
         self._weights = Weights(gm, ctx, convert=opts.layout == "input_major")
         for site in sites:
             self._rewrite_linear(gm, site, ctx.state.id, runtime)
+            ctx.claim(self.name, [site.node, site.output])
         for m in cats:
             self._rewrite_cats(gm, m, ctx.state.id, runtime)
         gm.graph.eliminate_dead_code()
@@ -246,6 +250,7 @@ class GatedForm(Pass):
             y = g.call_function(torch.ops.dyncompile.gated_linear.default,
                                 (site.x, wt, site.bias, state_id, name))
         copy_meta(replace, y)
+        y.meta[LINEAR_FLOPS] = float(2 * site.in_features * site.out_features)
         replace.replace_all_uses_with(y)
         runtime.register(name, float(site.in_features * site.out_features),
                          channel_weight=self._input_norms(site))
@@ -263,6 +268,8 @@ class GatedForm(Pass):
             y = g.call_function(torch.ops.dyncompile.cats_glu.default,
                                 (m.act, up.x, w_up, up.bias, w_down, down.bias, state_id, name))
         copy_meta(replace, y)
+        y.meta[LINEAR_FLOPS] = float(2 * (up.in_features * up.out_features
+                                          + down.in_features * down.out_features))
         replace.replace_all_uses_with(y)
         d, hid, out = up.in_features, up.out_features, down.out_features
         cost = float(2 * d * hid + hid * out)
