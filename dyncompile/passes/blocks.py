@@ -75,11 +75,15 @@ class AttentionBlock(Block):
 
 @dataclass(repr=False)
 class ResidualBlock(Block):
-    """x + branch(x): the add, its skip input, and the nodes of the branch."""
+    """x + branch(x): the add, its skip input, and the nodes of the branch.
+
+    A parallel block, ``x + attn(ln(x)) + mlp(ln(x))``, is one residual: ``add`` ends the
+    sum, ``skip`` is ``x`` and ``branches`` holds each term computed from it."""
 
     add: fx.Node | None = None
     skip: fx.Node | None = None
     branch_output: fx.Node | None = None
+    branches: list[fx.Node] = field(default_factory=list)
     contains: list[str] = field(default_factory=list)
 
 

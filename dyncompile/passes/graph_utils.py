@@ -130,7 +130,12 @@ def matmul_operands(node: fx.Node) -> tuple[Any, Any] | None:
             else list(args[1:])
         return (ops[0], ops[1]) if len(ops) == 2 else None
     if node.target is torch.baddbmm or (node.op == "call_method" and node.target == "baddbmm"):
-        return (args[1], args[2]) if len(args) >= 3 else None
+        # baddbmm(bias, batch1, batch2) or bias.baddbmm(batch1=..., batch2=...)
+        rest = list(args[1:3])
+        for key in ("batch1", "batch2")[len(rest):]:
+            if key in node.kwargs:
+                rest.append(node.kwargs[key])
+        return (rest[0], rest[1]) if len(rest) == 2 else None
     if node.op == "call_method":
         return (args[0], args[1]) if len(args) >= 2 else None
     return (args[0], args[1]) if len(args) >= 2 else None
@@ -201,15 +206,17 @@ _ARITH = {
     operator.add, operator.mul, operator.sub, operator.truediv, operator.neg, operator.pow,
     operator.iadd, operator.imul, operator.isub, operator.itruediv,
     torch.add, torch.mul, torch.sub, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt,
-    torch.abs, torch.square, torch.where, torch.masked_fill,
+    torch.abs, torch.square, torch.where, torch.masked_fill, torch.maximum, torch.minimum,
 }
 _ARITH_METHODS = {"add", "mul", "sub", "div", "neg", "pow", "add_", "mul_", "sub_", "div_",
+                  "maximum", "minimum",
                   "sqrt", "rsqrt", "abs", "square", "masked_fill", "masked_fill_"}
 _VIEW_FUNCS = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze}
 _VIEW_METHODS = {"view", "reshape", "contiguous", "flatten", "unflatten", "squeeze",
                  "unsqueeze", "expand", "view_as", "reshape_as", "expand_as", "clone"}
 _TRANSPOSE_FUNCS = {torch.transpose, torch.permute, torch.t}
 _TRANSPOSE_METHODS = {"transpose", "permute", "t", "mT"}
+_TRANSPOSE_ATTRS = {"T", "mT", "H", "mH"}  # ``w.T`` traces as getattr(w, "T")
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 _DROPOUT = {F.dropout, torch.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout}
 _SPLIT_FUNCS = {torch.split, torch.chunk, torch.tensor_split, torch.unbind}
@@ -254,8 +261,10 @@ def op_kind(node: fx.Node) -> str:
             return "split"
         if t == "softmax":
             return "softmax"
-        if t in ("matmul", "bmm", "mm"):
+        if t in ("matmul", "bmm", "mm", "baddbmm"):
             return "matmul"
+        if t in ("max", "min") and _binary_elementwise(node):
+            return "arith"
         if t in _REDUCTIONS_METHODS:
             return "reduction"
         return "other"
@@ -287,11 +296,15 @@ def op_kind(node: fx.Node) -> str:
         return "split"
     if t is operator.getitem:
         return "getitem"
+    if t is getattr and len(node.args) == 2 and node.args[1] in _TRANSPOSE_ATTRS:
+        return "transpose"
     if t in _CAT:
         return "cat"
     if t in (F.layer_norm, F.group_norm, F.rms_norm, F.batch_norm, F.instance_norm,
              torch.layer_norm):
         return "norm"
+    if t in (torch.max, torch.min) and _binary_elementwise(node):
+        return "arith"
     if t in (torch.mean, torch.sum, torch.var, torch.std, torch.amax, torch.max, torch.min):
         return "reduction"
     if t is F.embedding:
@@ -299,6 +312,12 @@ def op_kind(node: fx.Node) -> str:
     if t in (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d):
         return "conv"
     return "other"
+
+
+def _binary_elementwise(node: fx.Node) -> bool:
+    """``max(a, b)`` / ``min(a, b)`` of two tensors (elementwise), not a reduction over a dim."""
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    return isinstance(other, fx.Node) and is_tensor(other)
 
 
 def _nonlinear_pow(node: fx.Node) -> bool:

@@ -175,6 +175,50 @@ class WrittenTransformer(nn.Module):
         return x
 
 
+class ParallelBlock(nn.Module):
+    """A parallel decoder layer, ``h = x + attn(ln(x)) + mlp(ln(x))`` (GPT-J, Falcon): the
+    attention (fused qkv, causal SDPA) and the MLP read the same normalized input and are
+    summed into the residual. With ``norms=2`` each reads its own norm of ``x`` (GPT-NeoX);
+    with ``glu`` the MLP is ``down(silu(gate(z)) * up(z))``."""
+
+    def __init__(self, d: int, heads: int, norms: int, glu: bool) -> None:
+        super().__init__()
+        self.h = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.ln2 = nn.LayerNorm(d) if norms == 2 else None
+        self.attn = nn.ModuleDict({"qkv": nn.Linear(d, 3 * d), "o": nn.Linear(d, d)})
+        self.mlp = nn.ModuleDict({"up": nn.Linear(d, 2 * d), "down": nn.Linear(2 * d, d)})
+        if glu:
+            self.mlp["gate"] = nn.Linear(d, 2 * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        y = self.ln1(x)
+        z = y if self.ln2 is None else self.ln2(x)
+        qkv = self.attn["qkv"](y).view(b, s, 3, self.h, d // self.h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        a = self.attn["o"](a.transpose(1, 2).reshape(b, s, d))
+        mlp = self.mlp
+        hidden = (nn.functional.silu(mlp["gate"](z)) * mlp["up"](z) if "gate" in mlp
+                  else nn.functional.gelu(mlp["up"](z)))
+        return x + a + mlp["down"](hidden)
+
+
+class ParallelTransformer(nn.Module):
+    """Two :class:`ParallelBlock` layers and a final norm."""
+
+    def __init__(self, norms: int, glu: bool, d: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ParallelBlock(d, 4, norms, glu) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
 class NoBlocks(nn.Module):
     """A model with no FFN, attention or residual block (a conv and a pool)."""
 
@@ -230,6 +274,25 @@ def _t5_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
 def _vit_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+
+
+def _mel_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """16 mel bins x 32 frames (the encoder's two convs halve it to 16 positions)."""
+    g = torch.Generator().manual_seed(0)
+    return {"input_features": torch.randn(batch, 16, 32, generator=g)}
+
+
+def _whisper_encoder() -> nn.Module:
+    import transformers
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(
+        vocab_size=99, num_mel_bins=16, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    return WhisperEncoder(config).eval()
 
 
 _SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
@@ -296,6 +359,67 @@ ZOO: dict[str, ZooEntry] = {
           for core, what in (("einsum", "torch.einsum scores and output"),
                              ("alibi", "torch.baddbmm scores onto an ALiBi bias"),
                              ("softcap", "scores soft-capped by tanh before the softmax"))),
+        # Parallel blocks: attention and MLP read one normalized input (or two norms of
+        # it) and are summed into the residual, one residual block per layer.
+        ZooEntry("gptj", _hf("GPTJConfig", "GPTJModel", vocab_size=99, n_embd=32, n_layer=2,
+                             n_head=4, n_positions=64, rotary_dim=4),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 2},
+                 "GPT-J (parallel: attn + mlp + x from one norm, partial RoPE)"),
+        ZooEntry("gpt-neox-parallel", _hf("GPTNeoXConfig", "GPTNeoXModel", vocab_size=99,
+                                          use_parallel_residual=True,
+                                          max_position_embeddings=64, **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 2},
+                 "GPT-NeoX use_parallel_residual (two norms of x, mlp + attn + x)"),
+        ZooEntry("falcon", _hf("FalconConfig", "FalconModel", vocab_size=99, hidden_size=32,
+                               num_attention_heads=4, num_hidden_layers=2, parallel_attn=True,
+                               new_decoder_architecture=False),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 2},
+                 "Falcon (parallel, multi-query, x @ W.T linears)"),
+        ZooEntry("phi", _hf("PhiConfig", "PhiModel", vocab_size=99, max_position_embeddings=64,
+                            **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 2},
+                 "Phi (parallel from one norm, partial RoPE)"),
+        ZooEntry("cohere", _hf("CohereConfig", "CohereModel", vocab_size=99,
+                               max_position_embeddings=64, **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 2},
+                 "Cohere (parallel, summed as (x + attn) + mlp, GLU)"),
+        ZooEntry("parallel", _built(ParallelTransformer, 1, False),
+                 _tensor(lambda b, s: (b, s, 32)), {"ffn": 2, "attention": 2, "residual": 2},
+                 "hand-written parallel block: x + attn(ln(x)) + mlp(ln(x))"),
+        ZooEntry("parallel-2norm", _built(ParallelTransformer, 2, True),
+                 _tensor(lambda b, s: (b, s, 32)), {"ffn": 2, "attention": 2, "residual": 2},
+                 "hand-written parallel block: x + attn(ln1(x)) + glu(ln2(x))"),
+        ZooEntry("bloom", _hf("BloomConfig", "BloomModel", vocab_size=99, hidden_size=32,
+                              n_head=4, n_layer=2),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4},
+                 "BLOOM (ALiBi: bias.baddbmm(batch1=q, batch2=k))"),
+        ZooEntry("opt", _hf("OPTConfig", "OPTModel", vocab_size=99, hidden_size=32, ffn_dim=64,
+                            num_attention_heads=4, num_hidden_layers=2, word_embed_proj_dim=32,
+                            max_position_embeddings=64),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4}, "OPT (ReLU MLP)"),
+        ZooEntry("xglm", _hf("XGLMConfig", "XGLMModel", vocab_size=99, d_model=32, ffn_dim=64,
+                             attention_heads=4, num_layers=2, max_position_embeddings=64),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4},
+                 "XGLM (scores clamped by an elementwise torch.max before the softmax)"),
+        ZooEntry("gemma", _hf("GemmaConfig", "GemmaModel", vocab_size=99, head_dim=8,
+                              num_key_value_heads=1, max_position_embeddings=64, **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4},
+                 "Gemma (GeGLU, multi-query, (1 + w) RMSNorm)"),
+        ZooEntry("electra", _hf("ElectraConfig", "ElectraModel", vocab_size=99,
+                                embedding_size=16, max_position_embeddings=64, **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4},
+                 "ELECTRA (16 -> 32 embedding projection)"),
+        ZooEntry("albert", _hf("AlbertConfig", "AlbertModel", vocab_size=99,
+                               embedding_size=16, max_position_embeddings=64, **_SMALL),
+                 _ids(99), {"ffn": 2, "attention": 2, "residual": 4},
+                 "ALBERT (one layer's weights shared by both layers)"),
+        ZooEntry("whisper-encoder", _whisper_encoder, _mel_inputs,
+                 {"ffn": 2, "attention": 2, "residual": 4},
+                 "Whisper encoder (conv front end on mel features)"),
+        ZooEntry("clip-vision", _hf("CLIPVisionConfig", "CLIPVisionModel", image_size=32,
+                                    patch_size=8, **_SMALL),
+                 _vit_inputs, {"ffn": 2, "attention": 2, "residual": 4},
+                 "CLIP vision tower (quick-GELU, class token)"),
         ZooEntry("noblocks", _built(NoBlocks), _tensor(lambda b, s: (b, 4, s)),
                  {"ffn": 0, "attention": 0, "residual": 0}, "conv + pool, no blocks"),
     ]

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from dyncompile.passes.detect import detect_blocks
+from dyncompile.passes.graph_utils import matmul_operands, op_kind
+from dyncompile.passes.linears import find_linears
 from dyncompile.testing.zoo import MINILM_EXPECTED, ZOO, load_minilm, minilm_inputs
 from tests.conftest import capture_graphs
 
@@ -80,6 +82,131 @@ def test_residual_branch_contains_blocks():
     for r in res:
         assert r.skip in r.add.args and r.branch_output in r.add.args
         assert r.branch_output in r.nodes
+
+
+PARALLEL = ["parallel", "parallel-2norm", "gptj", "gpt-neox-parallel", "falcon", "phi",
+            "cohere"]
+
+
+@pytest.mark.parametrize("name,terms,norms", [
+    ("parallel", 2, 1), ("parallel-2norm", 2, 2), ("gptj", 2, 1), ("gpt-neox-parallel", 2, 2),
+    ("falcon", 1, 1), ("phi", 2, 1), ("cohere", 2, 1)])
+def test_parallel_block_is_one_residual_around_its_attention_and_mlp(name, terms, norms):
+    """Attention and MLP read one normalized x (or two norms of it) and are summed into x:
+    per layer one FFN, one attention and one residual whose branch holds both, its skip
+    the layer's input (the previous layer's sum). ``terms``: the sum's terms other than x
+    (Falcon adds the attention into the MLP output, then adds x to that)."""
+    _, (s,) = _detect(name)
+    assert s.counts() == {"ffn": 2, "attention": 2, "residual": 2}
+    layers = list(zip(s.attention, s.ffn, s.residual))
+    for i, (attn, ffn, res) in enumerate(layers):
+        assert sorted(res.contains) == sorted([attn.name, ffn.name])
+        assert attn.name != ffn.name and attn.name.rsplit(".", 1)[0] == res.name
+        assert attn.output in res.nodes and ffn.output in res.nodes
+        assert len(res.branches) == terms and res.branch_output in res.add.args
+        assert res.skip not in res.branches
+        if i:
+            assert res.skip is layers[i - 1][2].add     # the stream: layer i reads sum i-1
+    # both read x through a norm: the same norm, or one each (ln1(x), ln2(x))
+    for attn, ffn, res in layers:
+        assert (attn.q.logical_input is ffn.input) == (norms == 1)
+        for read in (attn.q.logical_input, ffn.input):
+            assert read is not res.skip and read in res.nodes
+
+
+def test_parallel_sum_in_any_bracketing():
+    """(x + attn) + mlp (the hand-written block, Cohere) and (attn + mlp) + x (GPT-J) are
+    one residual each: x is a term of the sum, deeper in it or an input of its last add."""
+    _, (s,) = _detect("parallel")
+    for r in s.residual:
+        assert r.skip not in r.add.args
+        inner = next(a for a in r.add.args if a is not r.branch_output)
+        assert r.skip in inner.args and inner in r.nodes     # (x + attn): inside the block
+        assert r.branch_output is s.ffn[s.residual.index(r)].output
+    _, (s,) = _detect("gptj")
+    for r in s.residual:
+        assert r.skip in r.add.args and set(r.branch_output.args) == set(r.branches)
+
+
+def test_sequential_residuals_have_one_branch_term():
+    _, (s,) = _detect("llama")
+    assert [len(r.branches) for r in s.residual] == [1, 1, 1, 1]
+    assert all(r.branches == [r.branch_output] for r in s.residual)
+
+
+def test_falcon_linears_written_as_matmul_with_a_transposed_weight():
+    """Falcon multiplies by ``weight.T`` itself: detection writes those products as
+    F.linear on the parameter (the same values) and finds multi-query fused attention."""
+    def counts(gm):
+        return {k: sum(op_kind(n) == k for n in gm.graph.nodes) for k in ("matmul", "linear")}
+
+    def detect(gm, _):
+        before = counts(gm)
+        return before, detect_blocks(gm)
+
+    entry = ZOO["falcon"]
+    ((before, s),) = capture_graphs(entry.build(), entry.inputs(2, 8), detect)
+    assert before == {"matmul": 8, "linear": 0}        # 4 products on W.T per layer
+    assert counts(s.gm) == {"matmul": 0, "linear": 8}   # the core is SDPA: no matmul left
+    assert len(s.linears) == 8
+    attn = s.attention[0]
+    assert attn.fused_qkv and attn.q.layout == "out_in"
+    assert attn.q.weight_name == "h.0.self_attention.query_key_value.weight"
+    assert attn.q.out_features == 32 + 2 * 8              # 4 query heads, one shared k/v
+    assert s.ffn[0].up[0].weight_name == "h.0.mlp.dense_h_to_4h.weight"
+
+
+def test_transposed_weight_products_become_linears_with_the_same_values():
+    from dyncompile.passes.detect.canonical import linears_from_transposed_weights
+
+    class Products(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = torch.nn.Parameter(torch.randn(12, 8))    # (out, in)
+            self.b1 = torch.nn.Parameter(torch.randn(12))
+            self.w2 = torch.nn.Parameter(torch.randn(8, 12))
+            self.w3 = torch.nn.Parameter(torch.randn(12, 8))
+            self.w4 = torch.nn.Parameter(torch.randn(8, 8))     # (in, out): x @ w4 as is
+
+        def forward(self, x):
+            h = x @ self.w1.T + self.b1                          # -> linear(x, w1, b1)
+            h = torch.relu(h).matmul(self.w2.t())                # -> linear(h, w2)
+            g = x @ self.w3.transpose(0, 1)                      # -> linear(x, w3)
+            return h + x @ self.w4 + (g @ g.transpose(-1, -2)) @ x
+
+    def check(gm, example):
+        kinds = [op_kind(n) for n in gm.graph.nodes]
+        with torch.no_grad():
+            dense = gm(*example)
+        assert linears_from_transposed_weights(gm) == 3
+        after = [op_kind(n) for n in gm.graph.nodes]
+        assert (kinds.count("matmul"), kinds.count("linear")) == (6, 0)
+        assert (after.count("matmul"), after.count("linear")) == (3, 3)  # w4, g g^T, @ x stay
+        assert after.count("arith") == kinds.count("arith") - 1          # + b1: the linear's
+        assert after.count("transpose") == kinds.count("transpose") - 3  # weight views gone
+        with torch.no_grad():
+            assert torch.equal(gm(*example)[0], dense[0])
+        return sorted(s.weight_name for s in find_linears(gm.graph).values())
+
+    torch.manual_seed(0)
+    (names,) = capture_graphs(Products().eval(), (torch.randn(2, 5, 8),), check)
+    assert names == ["w1", "w2", "w3", "w4"]
+
+
+def test_op_kinds_of_elementwise_max_and_weight_transpose():
+    g = torch.fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    for n in (a, b):
+        n.meta["val"] = torch.empty(2, 3)
+    pairwise = g.call_function(torch.max, (a, b))
+    reduced = g.call_function(torch.max, (a, -1))
+    method = g.call_method("max", (a, b))
+    t = g.call_function(getattr, (a, "T"))
+    other = g.call_function(getattr, (a, "shape"))
+    bmm = g.call_method("baddbmm", (a,), {"batch1": b, "batch2": a, "alpha": 0.5})
+    assert [op_kind(n) for n in (pairwise, reduced, method, t, other, bmm)] == [
+        "arith", "reduction", "arith", "transpose", "other", "matmul"]
+    assert matmul_operands(bmm) == (b, a)
 
 
 def test_no_blocks_is_an_empty_report():

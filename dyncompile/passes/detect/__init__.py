@@ -1,7 +1,9 @@
 """Block detection on a traced graph: FFN, attention and residual blocks.
 
 ``detect_blocks(gm)`` classifies nodes by what they compute; module names only
-label the blocks found.
+label the blocks found. Before matching it expands fused attention calls and writes
+``x @ W.T`` on a parameter as ``F.linear`` (the same product), so the graph it
+returns blocks for is the one the forms rewrite.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..graph_utils import common_prefix, module_path_of, number_nodes, to_nx
 from ..linears import LinearSite, find_linears
 from ..normalize import expand_fused_attention
 from .attention import find_attention
+from .canonical import linears_from_transposed_weights
 from .ffn import find_ffns
 from .residual import find_residuals
 
@@ -75,6 +78,7 @@ def detect_blocks(gm: fx.GraphModule) -> BlockSet:
     """Find the FFN, attention and residual blocks of a dynamo FX graph."""
     graph = gm.graph
     expand_fused_attention(gm)
+    linears_from_transposed_weights(gm)
     number_nodes(graph)
     linears = find_linears(graph)
     ffns = find_ffns(linears)
