@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/dyncompile inspect
+	$(VENV)/bin/dyncompile optimize --budget 0.5
 
 test: setup
 	$(PY) -m pytest -q

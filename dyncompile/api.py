@@ -10,7 +10,8 @@ import sympy
 import torch
 from torch import nn
 
-from .core.config import DynConfig, validate_budget, validate_methods
+from .core.budget import validate_tolerance
+from .core.config import DynConfig, known_methods, validate_budget, validate_methods
 from .core.errors import trace_error
 from .module import DynModule, call_batch, own_model
 from .passes.blocks import Block, evaluate
@@ -18,29 +19,65 @@ from .passes.cost import bind_sizes
 from .passes.detect import BlockSet, detect_blocks
 
 
-def optimize(model: nn.Module, budget: float = 1.0, methods: Iterable[str] | str | None = None,
-             calibration: Iterable[Any] | None = None, *, compiler: str = "inductor",
+def optimize(model: nn.Module, budget: float | None = None,
+             methods: Iterable[str] | str | None = None,
+             calibration: Iterable[Any] | None = None, *, tolerance: float | None = None,
+             budget_unit: str = "flops", confidence: float = 0.9, compiler: str = "inductor",
              form_options: Mapping[str, Mapping[str, Any]] | None = None,
-             dynamic: bool | None = None, inplace: bool = False) -> DynModule:
+             dynamic: bool | None = None, inplace: bool = False,
+             plan: bool = True) -> DynModule:
     """Compile ``model`` with the ``dyn`` backend and return a budget-controlled module.
 
-    budget: default fraction of dense FLOPs to spend, in (0, 1]; change it any
-        time with ``opt.budget = b`` or ``with dyncompile.budget(b):``; no recompile.
-    methods: adaptive forms to apply (see ``dyncompile.known_methods()``).
-    calibration: batches (dicts of kwargs, tuples of args, or tensors) run once
-        now, to trace, compile and calibrate the forms.
+    budget: default fraction of the whole model's dense FLOPs to spend, in (0, 1]
+        (default 1.0: dense); change it any time with ``opt.budget = b`` or
+        ``with dyncompile.budget(b):``; no recompile.
+    methods: adaptive forms to apply (see ``dyncompile.known_methods()``); None (the
+        default) means every form that finds something to rewrite, planned together;
+        ``[]`` applies none.
+    calibration: batches (dicts of kwargs, tuples of args, or tensors) shaped like the
+        inputs to come, run now to trace, compile, fit the forms and plan them (the last
+        third is held out to measure quality). Without it, the first call calibrates.
+    tolerance: instead of a budget, the mean quality loss allowed (1 - cosine of the
+        outputs, or top-1 disagreement of logits): calls run at the cheapest planned
+        point certified within it at ``confidence`` on the held-out rows.
+    budget_unit: "flops" (default) or "time": the budget as a fraction of the dense
+        model's measured time on this device.
     compiler: "inductor" (default) or "eager" (rewritten graph, not compiled).
+    plan: measure the forms and plan them (default). ``plan=False`` skips it: each form
+        then reads the budget as its own knob (``gated``: the share of its linears'
+        work, ``expert``: of its FFNs', ``early_exit``: of the layer stack's), and a
+        tolerance is not available.
     inplace: let forms that change parameters (``gated``: memory order; ``expert``:
         a function-preserving permutation) change ``model`` itself. By default they
         work on a copy (``opt.model``) and ``model`` is left as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes an nn.Module, got {type(model).__name__}")
-    config = DynConfig(budget=validate_budget(budget), methods=validate_methods(methods),
-                       compiler=compiler, form_options=dict(form_options or {}))
+    if budget is not None and tolerance is not None:
+        raise ValueError("give a budget or a tolerance, not both (a tolerance picks the "
+                         "cheapest planned point that keeps the quality within it)")
+    if tolerance is not None:
+        tolerance = validate_tolerance(tolerance)
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (
+            0.0 < confidence < 1.0):
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    auto = methods is None
+    config = DynConfig(budget=validate_budget(1.0 if budget is None else budget),
+                       methods=known_methods() if auto else validate_methods(methods),
+                       compiler=compiler, form_options=dict(form_options or {}),
+                       budget_unit=budget_unit, auto=auto)
     opt = DynModule(own_model(model, config.methods, inplace), config, dynamic=dynamic)
+    opt.state.confidence = float(confidence)
+    opt.planned = bool(plan)
     if calibration is not None:
-        opt.calibrate(calibration)
+        opt.calibrate(calibration, plan=plan)
+    elif config.methods:
+        opt._calibrate_on_first_call = True
+    if tolerance is not None:
+        if calibration is None:
+            raise ValueError("a tolerance is certified on held-out calibration rows: pass "
+                             "calibration=[batches] (at least 2)")
+        opt.tolerance = tolerance
     return opt
 
 

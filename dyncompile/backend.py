@@ -75,7 +75,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
                       blocks.raw_symbols if blocks is not None else set())
     runner = ctx.program if ctx.program is not None else gm
     pending = state.pending_calibration()
-    if pending and not state.calibrating:
+    if pending and not state.calibrating and state.auto_calibrate:
         log.warning("dyncompile: no calibration data for %s; calibrating on the first inputs "
                     "seen (pass calibration=... to optimize() for better thresholds)",
                     ", ".join(pending))

@@ -1,4 +1,4 @@
-"""Command line: ``dyncompile inspect [--model NAME]`` and ``dyncompile bench [--quick]``."""
+"""Command line: ``dyncompile optimize``, ``dyncompile inspect`` and ``dyncompile bench``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 
 def _load(name: str, batch: int, seq: int):
@@ -73,6 +74,94 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _minilm_job(rows: int, seed: int = 0) -> tuple[Any, list[Any], Any, Any]:
+    """(model, calibration batches, embed(fn) on unseen text, a timing batch) for the real
+    MiniLM: calibration sentences (the train split tops them up), 32 per batch, sorted
+    by length as sentence-transformers sends them."""
+    from .eval import corpus
+    from .eval.minilm import _exact_length_batch, embed, load_tokenizer, tokenize
+    from .testing import zoo
+
+    tok = load_tokenizer()
+    sp = corpus.splits(seed)
+    texts = sorted((s.text for s in [*sp.calibration, *sp.train][:rows]), key=len)
+    cal = [tokenize(tok, texts[i:i + 32]) for i in range(0, len(texts), 32)]
+    order = list(range(len(cal)))
+    import random
+
+    random.Random(seed).shuffle(order)  # held-out batches of every length
+    cal = [cal[i] for i in order]
+    unseen = sorted((s.text for s in sp.evaluation), key=len)
+    timing = _exact_length_batch(tok, [s.text for s in sp.calibration], 32, 64)
+    return zoo.load_minilm(), cal, (lambda fn: embed(fn, tok, unseen)), timing
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    import statistics
+
+    import torch
+
+    import dyncompile
+
+    from .eval.timing import device_info, interleaved_samples, paired_speedup
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    methods = args.methods.split(",") if args.methods else None
+    if args.model != "minilm":
+        raise SystemExit("dyncompile optimize runs on --model minilm (the real MiniLM "
+                         "weights); use the Python API for your own model")
+    t0 = time.perf_counter()
+    print(f"loading MiniLM and {args.calibration_rows} calibration sentences ...",
+          file=sys.stderr)
+    model, cal, embed_unseen, timing = _minilm_job(args.calibration_rows)
+    model.eval()
+    kw: dict[str, Any] = {"methods": methods, "calibration": cal,
+                          "budget_unit": args.unit, "confidence": args.confidence}
+    if args.tolerance is not None:
+        kw["tolerance"] = args.tolerance
+    else:
+        kw["budget"] = args.budget
+    try:
+        opt = dyncompile.optimize(model, **kw)
+    except ValueError as e:
+        raise SystemExit(f"dyncompile optimize: {e}") from None
+    print(f"calibrated and planned in {time.perf_counter() - t0:.0f} s\n", file=sys.stderr)
+    print(opt.report())
+    print()
+    print(opt.plan)
+    if args.tolerance is not None:
+        print(f"\n{opt.certify(args.tolerance)}")
+    dense_emb = embed_unseen(model)
+    spent = []
+
+    def counted(**batch: Any) -> Any:
+        out = opt(**batch)
+        spent.append((opt.stats.spent_flops, opt.stats.dense_flops))
+        return out
+
+    emb = embed_unseen(counted)
+    cos = float(torch.nn.functional.cosine_similarity(emb, dense_emb).mean())
+    fraction = sum(s for s, _ in spent) / max(sum(d for _, d in spent), 1.0)
+    compiled = torch.compile(model)
+    samples = interleaved_samples({"dense": lambda: compiled(**timing),
+                                   "optimized": lambda: opt(**timing)}, repeats=args.repeats)
+    speed = paired_speedup(samples, "dense", "optimized")
+    info = device_info()
+    target = (f"tolerance {args.tolerance:g}" if args.tolerance is not None
+              else f"budget {args.budget:g} ({args.unit})")
+    print(f"\n{target}: unseen text ({len(dense_emb)} sentences, length-sorted batches of "
+          f"32): cosine to dense {cos:.4f}, spent {fraction:.3f} of dense FLOPs; speed "
+          f"{speed:.2f}x dense (torch.compile) at 32x64 tokens, median of {args.repeats} "
+          f"interleaved rounds ({statistics.median(samples['optimized']) * 1e3:.1f} ms vs "
+          f"{statistics.median(samples['dense']) * 1e3:.1f} ms); {info.get('cpu_model', '')}, "
+          f"{torch.get_num_threads()} threads")
+    if args.save:
+        print(f"saved to {opt.save(args.save)}", file=sys.stderr)
+    if args.plot:
+        print(f"plan plotted to {opt.plot_plan(args.plot)}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="dyncompile", description=__doc__)
@@ -85,6 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=128)
     p.set_defaults(fn=cmd_inspect)
+    o = sub.add_parser("optimize", help="calibrate and plan every form on the real MiniLM; "
+                       "print the plan, quality, spent compute and speed against dense")
+    o.add_argument("--model", default="minilm")
+    g = o.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=float, default=0.5, help="fraction of dense (default 0.5)")
+    g.add_argument("--tolerance", type=float, default=None,
+                   help="mean quality loss allowed (1 - cosine), certified on held-out rows")
+    o.add_argument("--methods", default="", help="comma list of forms (default: all, planned)")
+    o.add_argument("--unit", default="flops", choices=["flops", "time"])
+    o.add_argument("--confidence", type=float, default=0.9)
+    o.add_argument("--calibration-rows", type=int, default=384,
+                   help="calibration sentences (a third held out to measure quality)")
+    o.add_argument("--repeats", type=int, default=15, help="timing rounds")
+    o.add_argument("--threads", type=int, default=0)
+    o.add_argument("--save", default="", help="save the optimized model's plan to this folder")
+    o.add_argument("--plot", default="", help="plot the plan to this image")
+    o.set_defaults(fn=cmd_optimize)
     b = sub.add_parser("bench", help="sweep methods x budgets x workloads against dense")
     b.add_argument("--quick", action="store_true", help="tiny settings (CI)")
     b.add_argument("--workloads", default="", help="comma list: minilm,classifier,lm (all)")

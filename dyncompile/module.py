@@ -17,9 +17,12 @@ import torch
 from torch import nn
 
 from .core import stats as _stats
-from .core.budget import BudgetState
+from .core.budget import BudgetState, validate_tolerance
 from .core.config import DynConfig, validate_budget
 from .core.errors import trace_error
+from .plan import Certificate, Measurement, Plan, search
+from .plan.frontier import path_length
+from .plan.quality import row_losses
 
 log = logging.getLogger("dyncompile")
 
@@ -39,6 +42,8 @@ class DynModule(nn.Module):
         self.model = model
         self.config = config
         self.state = BudgetState(config.budget)
+        self.state.auto_calibrate = False
+        self.planned = True
         self.stats = _stats.CallStats(budget=config.budget)
         self._traced = False
         self._dynamic = dynamic
@@ -47,6 +52,7 @@ class DynModule(nn.Module):
 
         self._mark_batch = any(forms()[m].dynamic_batch for m in config.methods)
         self._warned_eager = False
+        self._calibrate_on_first_call = False
         options: dict[str, Any] = {**_options(config), "state": self.state}
         # Kept out of the module tree so state_dict() holds each weight once. Compiled
         # through an entry function of its own, so this model's graphs are cached on its
@@ -82,8 +88,51 @@ class DynModule(nn.Module):
     @budget.setter
     def budget(self, value: float) -> None:
         self.state.default = validate_budget(value)
+        self.state.tolerance = None
+
+    @property
+    def plan(self) -> Plan | None:
+        """The planned frontier (``print(opt.plan)`` shows it as a table), or None before
+        calibration."""
+        return self.state.plan
+
+    @property
+    def tolerance(self) -> float | None:
+        """Default quality tolerance of this model's calls (None: ``budget`` rules). Setting
+        it certifies it on the held-out calibration rows (ValueError when they cannot)."""
+        return self.state.tolerance
+
+    @tolerance.setter
+    def tolerance(self, value: float | None) -> None:
+        if value is None:
+            self.state.tolerance = None
+            return
+        value = validate_tolerance(value)
+        self.certify(value)
+        self.state.tolerance = value
+
+    def certify(self, tolerance: float, confidence: float | None = None) -> Certificate:
+        """The cheapest planned point whose mean quality loss is certified within
+        ``tolerance`` on the held-out calibration rows, with the bound and row count."""
+        if self.state.plan is None:
+            raise ValueError("dyncompile: a tolerance needs a plan: calibrate first "
+                             "(optimize(..., calibration=batches))")
+        return self.state.plan.certify(validate_tolerance(tolerance), confidence)
+
+    def plot_plan(self, path: Any) -> Path:
+        """Save a plot of the planned frontier against each form alone to ``path``."""
+        if self.state.plan is None:
+            raise ValueError("dyncompile: no plan yet: calibrate first")
+        return self.state.plan.plot(path)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._calibrate_on_first_call:
+            self._calibrate_on_first_call = False
+            warnings.warn(
+                "dyncompile: no calibration data given: the forms are calibrated and "
+                "planned on the first call's inputs (pass calibration=[batches like your "
+                "inputs] to optimize() for better plans)", UserWarning, stacklevel=2)
+            self.calibrate([Call(args, kwargs)], progress=False, plan=self.planned)
         with self.state.lock:
             token = _stats.begin_call(self.state.sync())
             try:
@@ -146,16 +195,24 @@ class DynModule(nn.Module):
         self._traced = True
         return out
 
-    def calibrate(self, batches: Iterable[Any], progress: bool = True) -> None:
+    def calibrate(self, batches: Iterable[Any], progress: bool = True,
+                  plan: bool = True) -> None:
         """Run calibration batches (dicts of kwargs, tuples of args, or tensors) through the
-        compiled graphs; the forms' ops record what they need, then fit their tables."""
+        compiled graphs; the forms' ops record what they need and fit their tables. Then,
+        with ``plan``, measure the forms and build the plan that turns a budget or a
+        tolerance into every form's knob (``opt.plan``). With two batches or more, the
+        last third of them (at least one) is held out: the forms never fit on it, and
+        the plan's quality is measured and certified on it."""
         from tqdm.auto import tqdm
 
         batches = check_batches(batches)
+        self._calibrate_on_first_call = False
+        fit, test = split_batches(batches)
+        show = progress and bool(self.config.methods)
         self.state.calibrating = True
         try:
-            for batch in tqdm(batches, desc="calibrating", disable=not progress or
-                              len(batches) < 2 or not self.config.methods, leave=False):
+            for batch in tqdm(fit, desc="calibrating", disable=not show or len(fit) < 2,
+                              leave=False):
                 with torch.no_grad():
                     call_batch(self, batch)
         finally:
@@ -163,14 +220,15 @@ class DynModule(nn.Module):
         self.state.finalize_calibration()
 
         def run_at(value: float) -> None:
-            from .core.budget import budget
-
-            with torch.no_grad(), budget(value):
-                for batch in batches:
+            with torch.no_grad():
+                for batch in fit:
                     call_batch(self, batch)
 
         self.state.refine_calibration(run_at)
-
+        planned = [m for m in self.config.methods if m in self.state.forms]
+        if plan and planned:
+            self.state.plan = make_plan(self, planned, fit, test, held_out=test is not fit,
+                                        progress=show)
 
 class RewriteReport:
     """``opt.report()``: per selected form, the names of what it rewrote (sites, FFN blocks,
@@ -266,14 +324,100 @@ def check_batches(batches: Any) -> list[Any]:
                          "inputs the model will see (the forms fit their thresholds, routers "
                          "and exits on it)")
     for i, b in enumerate(batches):
-        if not isinstance(b, (dict, tuple, list, torch.Tensor)):
+        if not isinstance(b, (dict, tuple, list, torch.Tensor, Call)):
             raise ValueError(f"calibration batch {i} is a {type(b).__name__}: each batch "
                              f"must be a dict of keyword arguments, a tuple of positional "
                              f"ones, or a tensor")
     return batches
 
 
+class Call:
+    """One call's positional and keyword arguments, as a calibration batch."""
+
+    def __init__(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+def split_batches(batches: list[Any]) -> tuple[list[Any], list[Any]]:
+    """(fitting batches, held-out batches): the last third (at least one) is held out
+    when there are two batches or more; else both are the same list."""
+    if len(batches) < 2:
+        return batches, batches
+    held = max(1, len(batches) // 3)
+    return batches[:-held], batches[-held:]
+
+
+def make_plan(opt: DynModule, forms: list[str], fit: list[Any], test: list[Any],
+              held_out: bool, progress: bool) -> Plan:
+    """Measure ``forms`` on the calibration batches and search the plan (see
+    :func:`dyncompile.plan.search`)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    state = opt.state
+
+    def run(batches: list[Any], knobs: dict[str, float]) -> tuple[list[Any], float, float]:
+        outs, dense, spent, seconds = [], 0.0, 0.0, 0.0
+        with torch.no_grad():
+            for b in batches:
+                start = time.perf_counter()
+                out = state.run_forced(knobs, call_batch, opt, b)
+                seconds += time.perf_counter() - start
+                outs.append(_detached(out))  # a runner may reuse its output buffers
+                dense += opt.stats.dense_flops
+                spent += opt.stats.spent_flops
+        return outs, (spent / dense if dense else 1.0), seconds
+
+    fit = fit[:4]  # each form alone: a few batches are enough to rank the steps
+    refs: dict[int, tuple[list[Any], float]] = {}
+    for key, batches in ((0, fit), (1, test)):
+        run(batches, {})  # warm: the first call of a shape may compile
+        times = []
+        for _ in range(3):
+            outs, _, seconds = run(batches, {})
+            times.append(seconds)
+        refs[key] = (outs, sorted(times)[1])
+
+    def measure(key: int, batches: list[Any]) -> Any:
+        def go(knobs: dict[str, float]) -> Measurement:
+            outs, flops, seconds = run(batches, knobs)
+            ref, dense_time = refs[key]
+            losses = torch.cat([row_losses(r, o, _mask(b)) for r, o, b in
+                                zip(ref, outs, batches)]).tolist()
+            return Measurement(flops, seconds / dense_time if dense_time else 1.0, losses)
+        return go
+
+    bar = tqdm(total=path_length(len(forms)), desc="planning", disable=not progress,
+               leave=False)
+    try:
+        plan = search(forms, measure(0, fit), measure(1, test), unit=opt.config.budget_unit,
+                      held_out=held_out, progress=bar.update)
+        plan.confidence = getattr(state, "confidence", plan.confidence)
+        return plan
+    finally:
+        bar.close()
+
+
+def _mask(batch: Any) -> torch.Tensor | None:
+    """The batch's attention mask (padding left out of the quality), if it has one."""
+    kwargs = batch if isinstance(batch, dict) else batch.kwargs if isinstance(batch, Call) \
+        else {}
+    m = kwargs.get("attention_mask")
+    return m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+
+
+def _detached(out: Any) -> Any:
+    from .plan.quality import primary
+
+    got = primary(out)
+    return None if got is None else {got[0]: got[1].detach().clone()} if got[0] == "logits" \
+        else got[1].detach().clone()
+
+
 def call_batch(fn: Any, batch: Any) -> Any:
+    if isinstance(batch, Call):
+        return fn(*batch.args, **batch.kwargs)
     if isinstance(batch, dict):
         return fn(**batch)
     if isinstance(batch, (tuple, list)):
@@ -283,7 +427,8 @@ def call_batch(fn: Any, batch: Any) -> Any:
 
 def _options(config: DynConfig) -> dict[str, Any]:
     return {"budget": config.budget, "methods": list(config.methods),
-            "compiler": config.compiler, "form_options": dict(config.form_options)}
+            "compiler": config.compiler, "form_options": dict(config.form_options),
+            "budget_unit": config.budget_unit, "auto": config.auto}
 
 
 def _is_dynamo_error(e: BaseException) -> bool:
@@ -331,10 +476,13 @@ def save(opt: DynModule, path: str | Path) -> Path:
             tensors[f"{name}:{k}"] = v.detach().cpu().clone().contiguous()
     cfg = opt.config
     doc = {"format": FORMAT, "config": {"budget": cfg.budget, "methods": list(cfg.methods),
-                                        "compiler": cfg.compiler,
+                                        "compiler": cfg.compiler, "auto": cfg.auto,
+                                        "budget_unit": cfg.budget_unit,
                                         "form_options": {k: dict(v) for k, v in
                                                          cfg.form_options.items()}},
            "forms": forms,
+           "plan": opt.state.plan.to_dict() if opt.state.plan is not None else None,
+           "tolerance": opt.state.tolerance,
            "params": {n: list(p.shape) for n, p in opt.model.named_parameters()}}
     (folder / _JSON).write_text(json.dumps(doc, indent=1, default=str) + "\n")
     save_file(tensors, str(folder / _TENSORS))
@@ -407,4 +555,7 @@ def load(model: torch.nn.Module, path: str | Path, *, compiler: str | None = Non
         runtime = forms()[name].runtime()
         runtime.restore(mine, meta, model)
         opt.state.forms[name] = runtime
+    if doc.get("plan"):
+        opt.state.plan = Plan.from_dict(doc["plan"])
+    opt.state.tolerance = doc.get("tolerance")
     return opt

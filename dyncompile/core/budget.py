@@ -1,10 +1,12 @@
 """The compute budget as runtime state, read by the forms' ops at call time.
 
 Each optimized model has one :class:`BudgetState`; its id is a constant of the
-compiled graphs and its value is read inside the forms' opaque ops, so no budget
-is ever baked into a graph and nothing recompiles when it changes.
-``with budget(0.3):`` sets a per-thread / per-task override through a context
-variable.
+compiled graphs and each form's *knob* (its own setting in (0, 1]) is read inside
+the forms' opaque ops, so no budget is ever baked into a graph and nothing
+recompiles when it changes. A plan (``dyncompile.plan``) turns the model-wide
+budget, or a quality tolerance, into the knobs of every form; without a plan each
+form's knob is the budget itself. ``with budget(0.3):`` / ``with tolerance(0.02):``
+set a per-thread / per-task override through a context variable (the innermost wins).
 """
 
 from __future__ import annotations
@@ -18,8 +20,18 @@ from typing import Any
 
 from .config import validate_budget
 
-_OVERRIDE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+# ("budget", value) or ("tolerance", value): the innermost override in force.
+_OVERRIDE: contextvars.ContextVar[tuple[str, float] | None] = contextvars.ContextVar(
     "dyncompile_budget", default=None)
+
+
+def validate_tolerance(value: Any) -> float:
+    """Return the tolerance as a float in (0, 1), or raise ValueError naming the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0.0 < float(value) < 1.0):
+        raise ValueError(f"tolerance must be a number in (0, 1) (the mean quality loss "
+                         f"allowed: 1 - cosine, or the top-1 disagreement), got {value!r}")
+    return float(value)
 
 
 class budget:  # noqa: N801  (used as a context manager, like torch.no_grad)
@@ -34,7 +46,7 @@ class budget:  # noqa: N801  (used as a context manager, like torch.no_grad)
         self._token: contextvars.Token | None = None
 
     def __enter__(self) -> budget:
-        self._token = _OVERRIDE.set(self.value)
+        self._token = _OVERRIDE.set(("budget", self.value))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -42,10 +54,32 @@ class budget:  # noqa: N801  (used as a context manager, like torch.no_grad)
         _OVERRIDE.reset(self._token)
 
 
+class tolerance(budget):  # noqa: N801
+    """Run the enclosed calls of optimized models at the cheapest planned point whose
+    quality loss is certified within ``value`` (see ``DynModule.tolerance``).
+
+    >>> with dyncompile.tolerance(0.02):
+    ...     out = opt(**inputs)
+    """
+
+    def __init__(self, value: float) -> None:
+        self.value = validate_tolerance(value)
+        self._token = None
+
+    def __enter__(self) -> tolerance:
+        self._token = _OVERRIDE.set(("tolerance", self.value))
+        return self
+
+
 def current_budget(default: float = 1.0) -> float:
     """The budget in force here: the innermost ``with budget(...)`` or ``default``."""
     value = _OVERRIDE.get()
-    return default if value is None else value
+    return default if value is None or value[0] != "budget" else value[1]
+
+
+def current_override() -> tuple[str, float] | None:
+    """The innermost ``with budget(...)`` / ``with tolerance(...)`` in force, or None."""
+    return _OVERRIDE.get()
 
 
 class BudgetState:
@@ -59,8 +93,19 @@ class BudgetState:
     def __init__(self, default: float = 1.0) -> None:
         self.default = validate_budget(default)
         self.value = self.default
+        # The model's default quality tolerance (None: the budget rules).
+        self.tolerance: float | None = None
+        # Turns (budget or tolerance) into every form's knob; None: each knob is the budget.
+        self.plan: Any = None
+        # Knobs set by calibration and planning (measuring one setting), beating the plan.
+        self.forced: dict[str, float] | None = None
+        # Each form's knob for the running call.
+        self.knobs: dict[str, float] = {}
         self.lock = threading.RLock()
         self.calibrating = False
+        # Calibrate on a graph's first inputs when nothing else will (the bare backend);
+        # an optimized model calibrates through its own calls instead.
+        self.auto_calibrate = True
         self.forms: dict[str, Any] = {}
         # What each form rewrote, over every graph compiled for this state (names, in order).
         self.rewritten: dict[str, dict[str, None]] = {}
@@ -78,15 +123,28 @@ class BudgetState:
                 rt.finalize()
 
     def refine_calibration(self, run_at: Callable[[float], None]) -> None:
-        """Let forms that need it re-fit on the calibration data run at given budgets.
+        """Let forms that need it re-fit on the calibration data run at given knobs.
 
-        ``run_at(b)`` runs the calibration inputs with budget ``b`` in force; a
-        form's ``refine(run_at)`` records what its ops see under its own
-        approximations (inputs shift once earlier layers are sparse).
+        ``run_at(b)`` runs the calibration inputs; a form's ``refine(run_at)`` records
+        what its ops see under its own approximations at its knob ``b`` (inputs shift
+        once earlier layers are sparse), every other form dense.
         """
-        for rt in self.forms.values():
+        for name, rt in self.forms.items():
             if hasattr(rt, "refine"):
-                rt.refine(run_at)
+                rt.refine(lambda b, name=name: self.run_forced({name: b}, run_at, b))
+
+    def run_forced(self, knobs: dict[str, float], fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` with these knobs in force (forms not named: 1.0, dense)."""
+        saved = self.forced
+        self.forced = {**dict.fromkeys(self.forms, 1.0), **knobs}
+        try:
+            return fn(*args)
+        finally:
+            self.forced = saved
+
+    def knob(self, form: str) -> float:
+        """The knob of ``form`` for the running call (1.0: dense)."""
+        return self.knobs.get(form, self.value)
 
     def form(self, name: str, factory: Callable[[], Any]) -> Any:
         """The runtime data of one form (thresholds, routers...), created on first use."""
@@ -95,7 +153,25 @@ class BudgetState:
         return self.forms[name]
 
     def sync(self) -> float:
-        self.value = current_budget(self.default)
+        """Set ``value`` and every form's knob for the call about to run."""
+        if self.forced is not None:
+            self.value = min(self.forced.values(), default=1.0)
+            self.knobs = self.forced
+            return self.value
+        over = current_override()
+        if over is not None:
+            kind, value = over
+        elif self.tolerance is not None:
+            kind, value = "tolerance", self.tolerance
+        else:
+            kind, value = "budget", self.default
+        if self.plan is None:
+            if kind == "tolerance":
+                raise RuntimeError("dyncompile: a tolerance needs a plan: calibrate the "
+                                   "model first (optimize(..., calibration=batches))")
+            self.value, self.knobs = value, {}
+            return value
+        self.value, self.knobs = self.plan.resolve(kind, value)
         return self.value
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _COMPILERS = ("inductor", "eager")
+BUDGET_UNITS = ("flops", "time")
 
 
 def validate_budget(value: Any) -> float:
@@ -82,15 +83,24 @@ class DynConfig:
     compiler: "inductor" (default) or "eager" (run the rewritten graph as is).
     form_options: per-form settings, ``{"expert": {...}}``; each form checks its own
         (a typed dataclass, see ``dyncompile.core.options``).
+    budget_unit: "flops" (the budget is a fraction of the dense FLOPs) or "time" (of the
+        dense model's time on this device, as measured while planning).
+    auto: the methods were chosen for the user (``methods=None``): a form that finds
+        nothing to rewrite is left out without a warning.
     """
 
     budget: float = 1.0
     methods: tuple[str, ...] = ()
     compiler: str = "inductor"
     form_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    budget_unit: str = "flops"
+    auto: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", validate_budget(self.budget))
+        if self.budget_unit not in BUDGET_UNITS:
+            raise ValueError(f"budget_unit must be one of {BUDGET_UNITS}, got "
+                             f"{self.budget_unit!r}")
         object.__setattr__(self, "methods", validate_methods(self.methods))
         if self.compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {_COMPILERS}, got {self.compiler!r}")
@@ -105,7 +115,7 @@ class DynConfig:
     def from_options(cls, options: Mapping[str, Any] | None) -> DynConfig:
         """Build from ``torch.compile(..., options={...})``; unknown keys raise ValueError."""
         options = dict(options or {})
-        allowed = {"budget", "methods", "compiler", "form_options"}
+        allowed = {"budget", "methods", "compiler", "form_options", "budget_unit", "auto"}
         unknown = set(options) - allowed - {"state"}
         if unknown:
             raise ValueError(

@@ -135,7 +135,7 @@ def run_sweep(workloads: list[str | Workload], methods: list[str], budgets: tupl
             raise RuntimeError(f"{name}: dense model does not reproduce its own metrics: "
                                f"{ref} vs {again}")
         dense_compiled = torch.compile(dense)
-        plain = _Recorder(optimize(dense))
+        plain = _Recorder(optimize(dense, methods=[]))
         with torch.no_grad():
             w.evaluate(plain)
         lat, dlat, speed = (_timing(w, dense_compiled, plain, repeats, warmup)
@@ -145,7 +145,7 @@ def run_sweep(workloads: list[str | Workload], methods: list[str], budgets: tupl
         bar.update(1)
         for method in methods:
             form, opts = parse_method(method)
-            opt = optimize(dense, methods=[form], calibration=w.calibration(),
+            opt = optimize(dense, methods=[form], calibration=w.calibration(), plan=False,
                            form_options={form: opts} if opts else None)
             for b in budgets:
                 bar.set_postfix_str(f"{name}: {method} @ {b}")

@@ -79,7 +79,7 @@ class PassManager:
             done = p.run(gm, ctx)
             if done is not None:
                 ctx.rewritten.setdefault(p.name, []).extend(done)
-                if not done:
+                if not done and not ctx.config.auto:
                     found = ctx.blocks.counts() if ctx.blocks is not None else {}
                     warnings.warn(
                         f"dyncompile: form {p.name!r} rewrote nothing in this graph: it looks "

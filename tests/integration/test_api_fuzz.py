@@ -13,8 +13,8 @@ from dyncompile.testing.zoo import ZOO
 
 DOCUMENTED = (ValueError, TypeError, dyncompile.TraceError)
 
-GOOD_BUDGETS = [1.0, 0.5, 0.3, 0.01, 1, 0.999]
-BAD_BUDGETS = [0, -0.2, 1.5, float("nan"), True, "0.5", None]
+GOOD_BUDGETS = [1.0, 0.5, 0.3, 0.01, 1, 0.999, None]
+BAD_BUDGETS = [0, -0.2, 1.5, float("nan"), True, "0.5"]
 GOOD_METHODS = [None, [], ["gated"], ["expert"], ["early_exit"], "gated", ["gated", "gated"],
                 ["gated", "early_exit"]]
 BAD_METHODS = [["nope"], [3], 5]
@@ -60,8 +60,8 @@ def test_public_api_fuzz(seed):
     except DOCUMENTED as e:
         assert str(e), f"{type(e).__name__} without a message"
         return
-    valid = not isinstance(budget, bool) and isinstance(budget, (int, float)) \
-        and not math.isnan(budget) and 0 < budget <= 1
+    valid = budget is None or not isinstance(budget, bool) and isinstance(
+        budget, (int, float)) and not math.isnan(budget) and 0 < budget <= 1  # None: 1.0
     assert valid, f"budget {budget!r} was accepted"
     assert assert_matches_dense(model, opt, x, atol=1e-4) < 1e-4
     for bad in (0, 2, float("nan"), "x"):

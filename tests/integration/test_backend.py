@@ -42,7 +42,7 @@ def test_dyn_equals_inductor_and_eager_on_bert():
 def test_optimize_minilm_matches_dense():
     model = load_minilm()
     inputs = minilm_inputs(2, 32)
-    opt = dyncompile.optimize(model, budget=0.5, calibration=[inputs])
+    opt = dyncompile.optimize(model, budget=0.5, methods=[], calibration=[inputs])
     assert assert_matches_dense(model, opt, inputs, atol=1e-4) < 1e-4
     assert opt.stats.dense_flops > 0 and opt.stats.fraction == 1.0
 
@@ -54,7 +54,7 @@ def test_trace_error_says_where():
                 x = x + 1
             return x.reshape(5, 7)  # ... but this shape is wrong
 
-    opt = dyncompile.optimize(Broken(), compiler="eager")
+    opt = dyncompile.optimize(Broken(), methods=[], compiler="eager")
     with pytest.raises(dyncompile.TraceError, match="test_backend.py:.* in forward"):
         opt(torch.ones(2, 3))
 
@@ -72,7 +72,7 @@ def test_graph_breaks_still_run_and_count_all_graphs():
             return self.b(x)
 
     model = Breaks().eval()
-    opt = dyncompile.optimize(model, compiler="eager")
+    opt = dyncompile.optimize(model, methods=[], compiler="eager")
     x = torch.randn(3, 8)
     assert_matches_dense(model, opt, (x,))
     assert opt.stats.graphs == 2 and opt.stats.dense_flops == 2 * (2 * 3 * 8 * 8)
@@ -80,7 +80,7 @@ def test_graph_breaks_still_run_and_count_all_graphs():
 
 def test_compute_falls_helper_fails_without_a_form():
     entry = ZOO["mlp"]
-    opt = dyncompile.optimize(entry.build(), compiler="eager")
+    opt = dyncompile.optimize(entry.build(), methods=[], compiler="eager")
     with pytest.raises(AssertionError, match="did not fall"):
         assert_compute_falls(opt, entry.inputs(1, 4))
 
@@ -90,6 +90,6 @@ def test_matches_dense_helper_fails_on_a_different_model():
     model, other = entry.build(), entry.build()
     with torch.no_grad():
         other.fc2.bias.add_(0.1)
-    opt = dyncompile.optimize(other, compiler="eager")
+    opt = dyncompile.optimize(other, methods=[], compiler="eager")
     with pytest.raises(AssertionError, match="differs from dense"):
         assert_matches_dense(model, opt, entry.inputs(1, 4))

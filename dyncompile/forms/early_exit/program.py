@@ -37,6 +37,7 @@ from ...program.rows import fixed_layouts, node_example, take_rows
 from . import fast as exit_fast
 from .modes import CONFIDENCE, CONVERGENCE, FULL, MEAN, POOLED  # noqa: F401  (re-exported)
 
+FORM = "early_exit"
 log = logging.getLogger("dyncompile")
 
 
@@ -327,7 +328,7 @@ class ExitRunner:
 
     def __call__(self, *args: Any) -> Any:
         g, rt = self.g, self.runtime
-        value = self.state.value
+        value = self.state.knob(FORM)
         if self.state.calibrating:
             return self._record_states(dict(zip(g.placeholders, args)))
         if rt.recording:

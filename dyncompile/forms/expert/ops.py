@@ -153,9 +153,10 @@ def expert_route(x: torch.Tensor, state_id: int, site: str, experts: int) -> tor
     if state.calibrating:
         runtime.observe(site, x2)
         return torch.ones(x2.shape[0], experts, dtype=torch.bool, device=x.device)
-    if state.value >= 1.0:
+    knob = state.knob(FORM)
+    if knob >= 1.0:
         return torch.ones(x2.shape[0], experts, dtype=torch.bool, device=x.device)
-    return runtime.route(site, x2, state.value)
+    return runtime.route(site, x2, knob)
 
 
 _LIB.impl("expert_route", expert_route, "CompositeExplicitAutograd")

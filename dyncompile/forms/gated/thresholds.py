@@ -23,10 +23,10 @@ def lookup(state_id: int, site: str, gate: torch.Tensor,
     if state.calibrating:
         runtime.observe(site, gate, value)
         return 0.0
-    return runtime.threshold(site, state.value)
+    return runtime.threshold(site, state.knob(FORM))
 
 
 def peek(state_id: int, site: str) -> float:
     """The threshold in force, without recording anything (for backward)."""
     state = get_state(state_id)
-    return 0.0 if state.calibrating else state.forms[FORM].threshold(site, state.value)
+    return 0.0 if state.calibrating else state.forms[FORM].threshold(site, state.knob(FORM))

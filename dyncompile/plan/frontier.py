@@ -1,0 +1,273 @@
+"""The plan: from one budget (or one quality tolerance) to the knob of every form.
+
+Each form has one knob in (0, 1] (1.0: dense): ``gated`` the share of its linears'
+work it keeps, ``expert`` the share of its FFN work, ``early_exit`` the share of the
+layer stack's work. :func:`search` measures, on calibration rows, each form alone
+over its knob's range (quality loss, FLOPs spent, wall-clock time), then walks a
+greedy path from dense: each step lowers the knob of the form that loses the least
+quality per unit of cost saved. Every point of the path is then measured jointly
+on held-out rows (forms interact), which gives the :class:`Plan`:
+
+- a budget picks the cheapest-loss point of the Pareto frontier within it, knobs
+  interpolated between the two frontier points around the budget;
+- a tolerance picks the cheapest point of the path whose loss is certified within
+  it, testing the path's points in order (fixed-sequence Learn-then-Test, with the
+  Hoeffding-Bentkus bound of :mod:`dyncompile.plan.bound`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import bound
+
+#: Knob values each form is measured at while planning (1.0 first).
+GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+UNITS = ("flops", "time")
+DEFAULT_CONFIDENCE = 0.9
+
+
+@dataclass
+class Measurement:
+    """One knob setting run on some rows: spent fractions and each row's loss."""
+
+    flops: float
+    time: float
+    losses: list[float]
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else 0.0
+
+
+@dataclass
+class Point:
+    """One joint setting of the forms' knobs, measured on the held-out rows."""
+
+    knobs: dict[str, float]
+    flops: float
+    time: float
+    loss: float
+    rows: int
+    step: int = 0
+
+    def cost(self, unit: str) -> float:
+        return self.flops if unit == "flops" else self.time
+
+
+@dataclass
+class Certificate:
+    """What ``tolerance=t`` chose: the point, its held-out loss and the bound on it."""
+
+    tolerance: float
+    confidence: float
+    point: Point
+    bound: float
+    rows: int
+
+    def __str__(self) -> str:
+        return (f"tolerance {self.tolerance:g}: loss {self.point.loss:.4f} on {self.rows} "
+                f"held-out rows, <= {self.bound:.4f} with confidence {self.confidence:g}; "
+                f"spends {self.point.flops:.3f} of dense FLOPs, {self.point.time:.3f} of "
+                f"dense time")
+
+
+@dataclass
+class Plan:
+    """The measured path of knob settings, and the lookups budgets and tolerances use."""
+
+    forms: list[str]
+    points: list[Point]
+    unit: str = "flops"
+    held_out: bool = True
+    confidence: float = DEFAULT_CONFIDENCE
+    single: dict[str, list[Point]] = field(default_factory=dict)
+    _cache: dict[tuple[str, float], tuple[float, dict[str, float]]] = field(
+        default_factory=dict, repr=False)
+
+    # ---------------------------------------------------------------- lookups
+    def frontier(self, unit: str | None = None) -> list[Point]:
+        """Pareto-optimal points (none other is cheaper and better), cheapest first; the
+        dense point always ends it."""
+        unit = unit or self.unit
+        dense = self.dense
+        out: list[Point] = []
+        for p in sorted(self.points[1:], key=lambda p: (p.cost(unit), p.loss)):
+            if p.cost(unit) < 1.0 and (not out or p.loss < out[-1].loss - 1e-12):
+                out.append(p)
+        return [*out, dense]
+
+    @property
+    def dense(self) -> Point:
+        return self.points[0]
+
+    def knobs_for_budget(self, value: float) -> dict[str, float]:
+        """Every form's knob for budget ``value`` (a fraction of dense in ``unit``): the
+        frontier point that spends the most within it (the cheapest point when none
+        does). Knob values between measured points are not used: a form's cost need
+        not fall monotonically between grid values (a router costs before it saves)."""
+        front = self.frontier()
+        unit = self.unit
+        within = [p for p in front if p.cost(unit) <= value + 1e-9]
+        return dict((within[-1] if within else front[0]).knobs)
+
+    def certify(self, tolerance: float, confidence: float | None = None) -> Certificate:
+        """The cheapest point of the path certified within ``tolerance`` (mean loss on
+        held-out rows) at ``confidence``; ValueError when the rows cannot certify it."""
+        confidence = self.confidence if confidence is None else confidence
+        delta = 1.0 - confidence
+        rows = self.dense.rows
+        if not self.held_out:
+            raise ValueError("dyncompile: a tolerance needs held-out calibration rows: give "
+                             "at least 2 calibration batches (a share of them is held out "
+                             "to certify the quality)")
+        need = bound.rows_needed(tolerance, delta)
+        if rows < need:
+            raise ValueError(
+                f"dyncompile: cannot certify tolerance {tolerance:g} at confidence "
+                f"{confidence:g} on {rows} held-out rows: it needs at least {need} (give "
+                f"more calibration rows, or ask for a larger tolerance)")
+        chosen = self.dense
+        for p in sorted(self.points[1:], key=lambda p: p.step):
+            if bound.p_value(p.loss, p.rows, tolerance) > delta:
+                break
+            chosen = p
+        return Certificate(tolerance, confidence, chosen,
+                           bound.upper_bound(chosen.loss, chosen.rows, delta), rows)
+
+    def resolve(self, kind: str, value: float) -> tuple[float, dict[str, float]]:
+        """(the value in force, every form's knob) for ``("budget", b)`` or
+        ``("tolerance", t)``; cached, so a call pays one dictionary lookup."""
+        key = (kind, value)
+        got = self._cache.get(key)
+        if got is None:
+            if kind == "tolerance":
+                p = self.certify(value).point
+                got = (p.cost(self.unit), dict(p.knobs))
+            else:
+                got = (value, self.knobs_for_budget(value))
+            self._cache[key] = got
+        return got
+
+    # ---------------------------------------------------------------- showing
+    def table(self) -> str:
+        """The frontier as a table: budget, each form's knob, loss, FLOPs, time."""
+        head = ["budget", *self.forms, "loss", "flops", "time"]
+        rows = []
+        for p in reversed(self.frontier()):
+            rows.append([f"{p.cost(self.unit):.3f}", *(f"{p.knobs.get(f, 1.0):.2f}"
+                                                       for f in self.forms),
+                         f"{p.loss:.3g}", f"{p.flops:.3f}", f"{p.time:.3f}"])
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r) for r in rows]
+        what = "FLOPs" if self.unit == "flops" else "time on this device"
+        lines.append(f"budget: fraction of dense {what}; "
+                     f"loss: mean over {self.dense.rows} "
+                     f"{'held-out ' if self.held_out else ''}rows (1 - cosine, or top-1 "
+                     f"disagreement for logits); {len(self.points)} points measured")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, path: str | Path) -> Path:
+        """Save the frontier and each form alone as loss against spent fraction."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, unit in zip(axes, UNITS):
+            for form, pts in self.single.items():
+                pts = sorted(pts, key=lambda p: p.cost(unit))
+                ax.plot([p.cost(unit) for p in pts], [p.loss for p in pts], "o--",
+                        alpha=0.6, label=f"{form} alone")
+            front = self.frontier(unit)
+            ax.plot([p.cost(unit) for p in front], [p.loss for p in front], "k-o",
+                    label="planned (all forms)")
+            ax.set_xlabel(f"spent fraction of dense {'FLOPs' if unit == 'flops' else 'time'}")
+            ax.set_ylabel("quality loss (held-out rows)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        out = Path(path)
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out
+
+    # ---------------------------------------------------------------- save / load
+    def to_dict(self) -> dict[str, Any]:
+        return {"forms": self.forms, "unit": self.unit, "held_out": self.held_out,
+                "confidence": self.confidence,
+                "points": [asdict(p) for p in self.points],
+                "single": {f: [asdict(p) for p in ps] for f, ps in self.single.items()}}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Plan:
+        return cls(forms=list(doc["forms"]), points=[Point(**p) for p in doc["points"]],
+                   unit=doc.get("unit", "flops"), held_out=bool(doc.get("held_out", True)),
+                   confidence=float(doc.get("confidence", DEFAULT_CONFIDENCE)),
+                   single={f: [Point(**p) for p in ps]
+                           for f, ps in doc.get("single", {}).items()})
+
+
+def search(forms: Sequence[str], measure_fit: Callable[[dict[str, float]], Measurement],
+           measure_test: Callable[[dict[str, float]], Measurement], *, unit: str = "flops",
+           held_out: bool = True, grid: Sequence[float] = GRID,
+           progress: Callable[[int], Any] | None = None) -> Plan:
+    """Measure each form alone over ``grid`` (on the fitting rows), walk the greedy path
+    and measure its points jointly (on the held-out rows); returns the :class:`Plan`."""
+    if unit not in UNITS:
+        raise ValueError(f"budget_unit must be one of {UNITS}, got {unit!r}")
+    forms = list(forms)
+    tick = progress or (lambda n: None)
+    curves: dict[str, list[Measurement]] = {}
+    base = measure_fit({})
+    tick(1)
+    for f in forms:
+        curves[f] = [base] + [measure_fit({f: k}) for k in grid[1:]]
+        tick(len(grid) - 1)
+
+    def cost(m: Measurement) -> float:
+        return m.flops if unit == "flops" else m.time
+
+    at = dict.fromkeys(forms, 0)
+    path: list[dict[str, float]] = [dict.fromkeys(forms, 1.0)]
+    while True:
+        best: tuple[float, str, int] | None = None
+        for f in forms:
+            j = at[f]
+            # the next knob value that spends less (flat steps are jumped over)
+            nxt = next((i for i in range(j + 1, len(grid))
+                        if cost(curves[f][j]) - cost(curves[f][i]) > 1e-4), None)
+            if nxt is None:
+                continue
+            saved = cost(curves[f][j]) - cost(curves[f][nxt])
+            lost = max(curves[f][nxt].loss - curves[f][j].loss, 0.0)
+            score = lost / saved
+            if best is None or score < best[0]:
+                best = (score, f, nxt)
+        if best is None:
+            break
+        at[best[1]] = best[2]
+        path.append({f: float(grid[at[f]]) for f in forms})
+    points = []
+    for step, knobs in enumerate(path):
+        m = measure_test(knobs)
+        points.append(Point(knobs, m.flops, m.time, m.loss, len(m.losses), step))
+        tick(1)
+    points[0] = Point(points[0].knobs, 1.0, 1.0, 0.0, points[0].rows, 0)
+    single = {f: [Point({f: float(k)}, m.flops, m.time, m.loss, len(m.losses), i)
+                  for i, (k, m) in enumerate(zip(grid, curves[f]))] for f in forms}
+    return Plan(forms, points, unit=unit, held_out=held_out, single=single)
+
+
+def path_length(forms: int, grid: Sequence[float] = GRID) -> int:
+    """Upper bound of the measurements :func:`search` makes (for progress bars)."""
+    return 1 + forms * (len(grid) - 1) + 1 + forms * (len(grid) - 1)

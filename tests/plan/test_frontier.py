@@ -1,0 +1,100 @@
+"""The planner's search and lookups on measured curves (no model: synthetic measurements)."""
+
+import pytest
+
+from dyncompile.plan import GRID, Measurement, Plan, search
+
+
+def _fake(costs, losses, rows=400):
+    """measure(knobs) for forms whose saving and loss add up: ``costs[f](k)`` is the share
+    of the model's work form ``f`` saves at knob ``k``, ``losses[f](k)`` the loss it adds."""
+    calls = []
+
+    def measure(knobs):
+        calls.append(dict(knobs))
+        saved = sum(costs[f](k) for f, k in knobs.items())
+        loss = sum(losses[f](k) for f, k in knobs.items())
+        return Measurement(1.0 - saved, 1.0 - 0.8 * saved, [loss] * rows)
+
+    return measure, calls
+
+
+COSTS = {"cheap": lambda k: 0.4 * (1 - k), "costly": lambda k: 0.4 * (1 - k)}
+LOSSES = {"cheap": lambda k: 0.01 * (1 - k), "costly": lambda k: 0.2 * (1 - k)}
+
+
+def test_greedy_path_lowers_the_form_that_loses_least_per_flop_first():
+    fit, _ = _fake(COSTS, LOSSES)
+    test, calls = _fake(COSTS, LOSSES)
+    plan = search(["cheap", "costly"], fit, test)
+    knobs = [p.knobs for p in sorted(plan.points, key=lambda p: p.step)]
+    assert knobs[0] == {"cheap": 1.0, "costly": 1.0}
+    # every step lowers one knob by one grid step; "cheap" reaches its floor first
+    first_costly = next(i for i, k in enumerate(knobs) if k["costly"] < 1.0)
+    assert knobs[first_costly - 1]["cheap"] == GRID[-1]
+    assert len(knobs) == 1 + 2 * (len(GRID) - 1)
+    assert len(calls) == len(knobs)  # each path point measured jointly once
+
+
+def test_budget_picks_the_most_expensive_frontier_point_within_it_and_dense_at_one():
+    fit, _ = _fake(COSTS, LOSSES)
+    plan = search(["cheap", "costly"], fit, _fake(COSTS, LOSSES)[0])
+    assert plan.knobs_for_budget(1.0) == {"cheap": 1.0, "costly": 1.0}
+    for b in (0.95, 0.8, 0.63, 0.5):
+        k = plan.knobs_for_budget(b)
+        spent = 1.0 - sum(COSTS[f](v) for f, v in k.items())
+        assert b - 0.04 - 1e-9 <= spent <= b + 1e-9   # grid steps save 0.04 each
+    assert plan.knobs_for_budget(0.8)["costly"] == 1.0  # the cheap form alone covers 0.8
+    assert plan.knobs_for_budget(0.01) == plan.frontier()[0].knobs
+    assert plan.frontier()[0].flops == pytest.approx(min(p.flops for p in plan.points))
+
+
+def test_flat_steps_are_jumped_and_a_form_that_saves_nothing_is_never_lowered():
+    costs = {"stepped": lambda k: 0.3 if k <= 0.65 else 0.0, "useless": lambda k: 0.0}
+    losses = {"stepped": lambda k: 0.01, "useless": lambda k: 0.0}
+    fit, _ = _fake(costs, losses)
+    plan = search(["stepped", "useless"], fit, fit)
+    assert all(p.knobs["useless"] == 1.0 for p in plan.points)
+    assert [p.knobs["stepped"] for p in plan.points] == [1.0, 0.6]
+
+
+def test_time_unit_plans_on_measured_time():
+    fit, _ = _fake(COSTS, LOSSES)
+    plan = search(["cheap", "costly"], fit, fit, unit="time")
+    k = plan.knobs_for_budget(0.9)
+    saved = sum(COSTS[f](v) for f, v in k.items())
+    assert 0.9 - 0.032 - 1e-9 <= 1.0 - 0.8 * saved <= 0.9 + 1e-9
+    with pytest.raises(ValueError, match="budget_unit"):
+        search(["cheap"], fit, fit, unit="seconds")
+
+
+def test_certify_picks_the_cheapest_point_within_the_tolerance_in_path_order():
+    fit, _ = _fake(COSTS, LOSSES)
+    plan = search(["cheap", "costly"], fit, fit)
+    cert = plan.certify(0.05)
+    assert cert.point.loss < 0.05 and cert.bound <= 0.05 + 1e-9 and cert.rows == 400
+    later = [p for p in plan.points if p.step > cert.point.step]
+    assert later and later[0].loss >= cert.bound - 0.02  # the next one was not certified
+    assert "held-out rows" in str(cert)
+    with pytest.raises(ValueError, match="needs at least"):
+        plan.certify(0.001)
+
+
+def test_certify_refuses_without_held_out_rows():
+    fit, _ = _fake(COSTS, LOSSES)
+    plan = search(["cheap"], fit, fit, held_out=False)
+    with pytest.raises(ValueError, match="held-out"):
+        plan.certify(0.1)
+
+
+def test_plan_round_trips_through_a_dict_and_prints_a_table(tmp_path):
+    fit, _ = _fake(COSTS, LOSSES)
+    plan = search(["cheap", "costly"], fit, fit)
+    again = Plan.from_dict(plan.to_dict())
+    assert again.points == plan.points and again.single == plan.single
+    assert again.knobs_for_budget(0.6) == plan.knobs_for_budget(0.6)
+    table = str(plan)
+    assert table.splitlines()[0].split() == ["budget", "cheap", "costly", "loss", "flops",
+                                              "time"]
+    out = plan.plot(tmp_path / "plan.png")
+    assert out.stat().st_size > 1000
