@@ -4,8 +4,8 @@ Each op's ``cpu.py`` declares one ``InlineExtension`` on the C++ file beside it
 (``ops/<op>/<op>.cpp``, read when the kernel is first loaded); the build happens once
 per process (cached on disk after the first time), and if no compiler is
 available a warning is logged once and ``load()`` returns None so the op takes
-its torch path. Helpers shared by several kernels live in ``ops/common.h``: this
-folder is on every kernel's include path, so a kernel writes ``#include "common.h"``.
+its torch path. Helpers shared by several kernels live in ``ops/common.h``: a kernel
+writes ``#include "common.h"`` and the header's text is spliced in its place.
 """
 
 from __future__ import annotations

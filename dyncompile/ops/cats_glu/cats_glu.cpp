@@ -4,6 +4,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common.h"
+
 // Returns (y, union of kept channels, kept (token, channel) pairs, sparse path taken).
 std::tuple<torch::Tensor, int64_t, int64_t, bool> cats_glu_fwd(
     torch::Tensor a, torch::Tensor x, torch::Tensor w_up, torch::Tensor b_up,
@@ -104,13 +106,6 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> cats_glu_fwd(
   auto y = torch::empty({n, out}, a.options());
   float* yp = y.data_ptr<float>();
   const float* bdp = has_bd ? b_down.data_ptr<float>() : nullptr;
-  const int64_t total = n * out;
-  at::parallel_for(0, total, 4096, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      float s = bdp ? bdp[e % out] : 0.0f;
-      for (int64_t th = 0; th < threads; ++th) s += acc[static_cast<size_t>(th) * total + e];
-      yp[e] = s;
-    }
-  });
+  fold_accumulators(acc, threads, n * out, out, bdp, yp);
   return std::make_tuple(y, k, pairs, true);
 }

@@ -126,14 +126,7 @@ std::tuple<torch::Tensor, int64_t, int64_t> expert_ffn_fwd(
   auto y = torch::empty({n, out}, x.options());
   float* yp = y.data_ptr<float>();
   const float* bdp = b_down.numel() ? b_down.data_ptr<float>() : nullptr;
-  const int64_t total = n * out;
-  at::parallel_for(0, total, 4096, [&](int64_t e0, int64_t e1) {
-    for (int64_t i = e0; i < e1; ++i) {
-      float s = bdp ? bdp[i % out] : 0.0f;
-      for (int64_t th = 0; th < threads; ++th) s += acc[static_cast<size_t>(th) * total + i];
-      yp[i] = s;
-    }
-  });
+  fold_accumulators(acc, threads, n * out, out, bdp, yp);
   return std::make_tuple(y, pairs, units);
 }
 

@@ -4,6 +4,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common.h"
+
 // y[n, out] = (x * (|x| >= thr)) @ wt + bias, wt input-major [in, out].
 // Returns (y, union of active channels, active (token, channel) pairs, sparse path taken).
 std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
@@ -86,13 +88,6 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
   auto y = torch::empty({n, out}, x.options());
   float* yp = y.data_ptr<float>();
   const float* bp = has_bias ? bias.contiguous().to(at::kFloat).data_ptr<float>() : nullptr;
-  const int64_t total = n * out;
-  at::parallel_for(0, total, 4096, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      float s = bp ? bp[e % out] : 0.0f;
-      for (int64_t th = 0; th < threads; ++th) s += acc[static_cast<size_t>(th) * total + e];
-      yp[e] = s;
-    }
-  });
+  fold_accumulators(acc, threads, n * out, out, bp, yp);
   return std::make_tuple(y, k, pairs, true);
 }
