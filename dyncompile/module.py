@@ -408,11 +408,11 @@ def _mask(batch: Any) -> torch.Tensor | None:
 
 
 def _detached(out: Any) -> Any:
+    """A copy of the output the quality is measured on, as ``{kind: tensor}``."""
     from .plan.quality import primary
 
     got = primary(out)
-    return None if got is None else {got[0]: got[1].detach().clone()} if got[0] == "logits" \
-        else got[1].detach().clone()
+    return None if got is None else {got[0]: got[1].detach().clone()}
 
 
 def call_batch(fn: Any, batch: Any) -> Any:
