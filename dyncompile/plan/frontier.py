@@ -3,13 +3,14 @@
 Each form has one knob in (0, 1] (1.0: dense): ``gated`` the share of its linears'
 work it keeps, ``expert`` the share of its FFN work, ``early_exit`` the share of the
 layer stack's work. :func:`search` measures, on calibration rows, each form alone
-over its knob's range (quality loss, FLOPs spent, wall-clock time), then walks a
-greedy path from dense: each step lowers the knob of the form that loses the least
-quality per unit of cost saved. Every point of the path is then measured jointly
-on held-out rows (forms interact), which gives the :class:`Plan`:
+over its knob's range (quality loss, FLOPs spent, wall-clock time), predicts every
+joint setting by adding the forms' savings and losses, and keeps, for each target
+spend (0.95, 0.90, ... 0.10), the setting predicted to lose the least within it.
+Those points (the path, most expensive first) are then measured jointly on
+held-out rows (forms interact), which gives the :class:`Plan`:
 
-- a budget picks the cheapest-loss point of the Pareto frontier within it, knobs
-  interpolated between the two frontier points around the budget;
+- a budget picks the point of the Pareto frontier (measured) that spends the most
+  within it, the least lossy there;
 - a tolerance picks the cheapest point of the path whose loss is certified within
   it, testing the path's points in order (fixed-sequence Learn-then-Test, with the
   Hoeffding-Bentkus bound of :mod:`dyncompile.plan.bound`).
@@ -17,6 +18,7 @@ on held-out rows (forms interact), which gives the :class:`Plan`:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +28,8 @@ from . import bound
 
 #: Knob values each form is measured at while planning (1.0 first).
 GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+#: Spent fractions the plan places a jointly measured point at (or just below).
+TARGETS = tuple(round(1.0 - 0.05 * i, 2) for i in range(1, 19))  # 0.95 ... 0.10
 UNITS = ("flops", "time")
 DEFAULT_CONFIDENCE = 0.9
 
@@ -220,9 +224,11 @@ class Plan:
 def search(forms: Sequence[str], measure_fit: Callable[[dict[str, float]], Measurement],
            measure_test: Callable[[dict[str, float]], Measurement], *, unit: str = "flops",
            held_out: bool = True, grid: Sequence[float] = GRID,
+           targets: Sequence[float] = TARGETS,
            progress: Callable[[int], Any] | None = None) -> Plan:
-    """Measure each form alone over ``grid`` (on the fitting rows), walk the greedy path
-    and measure its points jointly (on the held-out rows); returns the :class:`Plan`."""
+    """Measure each form alone over ``grid`` (on the fitting rows), pick the joint setting
+    predicted best at each of ``targets`` and measure those jointly (on the held-out
+    rows); returns the :class:`Plan`."""
     if unit not in UNITS:
         raise ValueError(f"budget_unit must be one of {UNITS}, got {unit!r}")
     forms = list(forms)
@@ -233,32 +239,10 @@ def search(forms: Sequence[str], measure_fit: Callable[[dict[str, float]], Measu
     for f in forms:
         curves[f] = [base] + [measure_fit({f: k}) for k in grid[1:]]
         tick(len(grid) - 1)
-
-    def cost(m: Measurement) -> float:
-        return m.flops if unit == "flops" else m.time
-
-    at = dict.fromkeys(forms, 0)
-    path: list[dict[str, float]] = [dict.fromkeys(forms, 1.0)]
-    while True:
-        best: tuple[float, str, int] | None = None
-        for f in forms:
-            j = at[f]
-            # the next knob value that spends less (flat steps are jumped over)
-            nxt = next((i for i in range(j + 1, len(grid))
-                        if cost(curves[f][j]) - cost(curves[f][i]) > 1e-4), None)
-            if nxt is None:
-                continue
-            saved = cost(curves[f][j]) - cost(curves[f][nxt])
-            lost = max(curves[f][nxt].loss - curves[f][j].loss, 0.0)
-            score = lost / saved
-            if best is None or score < best[0]:
-                best = (score, f, nxt)
-        if best is None:
-            break
-        at[best[1]] = best[2]
-        path.append({f: float(grid[at[f]]) for f in forms})
+    chosen = choose(curves, grid, unit, targets)
     points = []
-    for step, knobs in enumerate(path):
+    for step, idx in enumerate(chosen):
+        knobs = {f: float(grid[j]) for f, j in zip(forms, idx)}
         m = measure_test(knobs)
         points.append(Point(knobs, m.flops, m.time, m.loss, len(m.losses), step))
         tick(1)
@@ -268,6 +252,39 @@ def search(forms: Sequence[str], measure_fit: Callable[[dict[str, float]], Measu
     return Plan(forms, points, unit=unit, held_out=held_out, single=single)
 
 
-def path_length(forms: int, grid: Sequence[float] = GRID) -> int:
+def choose(curves: dict[str, list[Measurement]], grid: Sequence[float], unit: str,
+           targets: Sequence[float]) -> list[tuple[int, ...]]:
+    """Grid indices (one per form, in ``curves``' order) of the joint settings to measure:
+    dense first, then for each target the setting predicted to lose the least while
+    spending at most the target, cheapest last. The prediction adds up each form's
+    measured saving and loss (every combination is scored: a form whose first steps
+    cost more than they save, as a router does, is still reached through its later
+    ones); ties go to the setting that changes the knobs least."""
+    forms = list(curves)
+
+    def cost(m: Measurement) -> float:
+        return m.flops if unit == "flops" else m.time
+
+    saved = [[cost(curves[f][0]) - cost(m) for m in curves[f]] for f in forms]
+    lost = [[max(m.loss - curves[f][0].loss, 0.0) for m in curves[f]] for f in forms]
+    scored = []
+    for idx in itertools.product(range(len(grid)), repeat=len(forms)):
+        spend = 1.0 - sum(saved[i][j] for i, j in enumerate(idx))
+        loss = sum(lost[i][j] for i, j in enumerate(idx))
+        scored.append((loss, sum(idx), spend, idx))
+    dense = (0,) * len(forms)
+    picked: list[tuple[float, tuple[int, ...]]] = []
+    for t in sorted(targets, reverse=True):
+        within = [s for s in scored if s[2] <= t + 1e-12]
+        if within:
+            loss, _, spend, idx = min(within, key=lambda s: (s[0], s[1]))
+            if idx != dense and all(idx != q for _, q in picked):
+                picked.append((spend, idx))
+    picked.sort(key=lambda p: -p[0])
+    return [dense, *(idx for _, idx in picked)]
+
+
+def path_length(forms: int, grid: Sequence[float] = GRID,
+                targets: Sequence[float] = TARGETS) -> int:
     """Upper bound of the measurements :func:`search` makes (for progress bars)."""
-    return 1 + forms * (len(grid) - 1) + 1 + forms * (len(grid) - 1)
+    return 1 + forms * (len(grid) - 1) + 1 + len(targets)

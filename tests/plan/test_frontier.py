@@ -2,7 +2,7 @@
 
 import pytest
 
-from dyncompile.plan import GRID, Measurement, Plan, search
+from dyncompile.plan import Measurement, Plan, search
 
 
 def _fake(costs, losses, rows=400):
@@ -23,17 +23,29 @@ COSTS = {"cheap": lambda k: 0.4 * (1 - k), "costly": lambda k: 0.4 * (1 - k)}
 LOSSES = {"cheap": lambda k: 0.01 * (1 - k), "costly": lambda k: 0.2 * (1 - k)}
 
 
-def test_greedy_path_lowers_the_form_that_loses_least_per_flop_first():
+def test_the_plan_spends_the_form_that_loses_least_per_flop_first():
     fit, _ = _fake(COSTS, LOSSES)
     test, calls = _fake(COSTS, LOSSES)
     plan = search(["cheap", "costly"], fit, test)
     knobs = [p.knobs for p in sorted(plan.points, key=lambda p: p.step)]
     assert knobs[0] == {"cheap": 1.0, "costly": 1.0}
-    # every step lowers one knob by one grid step; "cheap" reaches its floor first
-    first_costly = next(i for i, k in enumerate(knobs) if k["costly"] < 1.0)
-    assert knobs[first_costly - 1]["cheap"] == GRID[-1]
-    assert len(knobs) == 1 + 2 * (len(GRID) - 1)
+    # "cheap" alone saves up to 0.32: every point spending 0.68 or more leaves "costly" dense
+    assert all(p.knobs["costly"] == 1.0 for p in plan.points if p.flops >= 0.68 - 1e-9)
+    assert any(p.knobs["costly"] < 1.0 for p in plan.points)      # needed below 0.68
+    assert [p.flops for p in plan.points] == sorted((p.flops for p in plan.points),
+                                                    reverse=True)  # path: costliest first
     assert len(calls) == len(knobs)  # each path point measured jointly once
+
+
+def test_a_form_whose_first_steps_cost_more_than_they_save_is_still_chosen():
+    # a router: its first knob steps spend more than dense, later ones save a lot cheaply
+    costs = {"router": lambda k: -0.05 if k >= 0.85 else 0.6 * (1 - k),
+             "steep": lambda k: 0.3 * (1 - k) ** 0.5}
+    losses = {"router": lambda k: 0.1 * (1 - k), "steep": lambda k: 0.5 * (1 - k) ** 0.5}
+    fit, _ = _fake(costs, losses)
+    plan = search(["router", "steep"], fit, fit)
+    k = plan.knobs_for_budget(0.8)
+    assert k["router"] < 0.85 and k["steep"] == 1.0
 
 
 def test_budget_picks_the_most_expensive_frontier_point_within_it_and_dense_at_one():
