@@ -191,12 +191,12 @@ class Plan:
             for form, pts in self.single.items():
                 pts = sorted(pts, key=lambda p: p.cost(unit))
                 ax.plot([p.cost(unit) for p in pts], [p.loss for p in pts], "o--",
-                        alpha=0.6, label=f"{form} alone")
+                        alpha=0.6, label=f"{form} alone (fitting rows)")
             front = self.frontier(unit)
             ax.plot([p.cost(unit) for p in front], [p.loss for p in front], "k-o",
-                    label="planned (all forms)")
+                    label="planned, all forms (held-out rows)")
             ax.set_xlabel(f"spent fraction of dense {'FLOPs' if unit == 'flops' else 'time'}")
-            ax.set_ylabel("quality loss (held-out rows)")
+            ax.set_ylabel("quality loss (1 - cosine, or top-1 disagreement)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
