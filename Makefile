@@ -8,7 +8,7 @@ export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint bench bench-quick compile-bench setup clean
+.PHONY: demo test lint bench bench-plan bench-quick compile-bench setup clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/dyncompile bench --methods gated,gated:allocation=greedy,expert,early_exit --update-md BENCHMARKS.md
+
+bench-plan: setup
+	$(VENV)/bin/dyncompile bench --name plan --methods planned,gated,expert,early_exit --budgets 0.75,0.5,0.3 --repeats 10 --update-md BENCHMARKS.md
 
 bench-quick: setup
 	$(VENV)/bin/dyncompile bench --quick --out .cache/bench-quick

@@ -17,6 +17,7 @@ from .module import DynModule, call_batch, own_model
 from .passes.blocks import Block, evaluate
 from .passes.cost import bind_sizes
 from .passes.detect import BlockSet, detect_blocks
+from .plan.quality import Quality, validate_quality
 
 
 def optimize(model: nn.Module, budget: float | None = None,
@@ -25,7 +26,7 @@ def optimize(model: nn.Module, budget: float | None = None,
              budget_unit: str = "flops", confidence: float = 0.9, compiler: str = "inductor",
              form_options: Mapping[str, Mapping[str, Any]] | None = None,
              dynamic: bool | None = None, inplace: bool = False,
-             plan: bool = True) -> DynModule:
+             plan: bool = True, quality: Quality = "auto") -> DynModule:
     """Compile ``model`` with the ``dyn`` backend and return a budget-controlled module.
 
     budget: default fraction of the whole model's dense FLOPs to spend, in (0, 1]
@@ -43,6 +44,10 @@ def optimize(model: nn.Module, budget: float | None = None,
     budget_unit: "flops" (default) or "time": the budget as a fraction of the dense
         model's measured time on this device.
     compiler: "inductor" (default) or "eager" (rewritten graph, not compiled).
+    quality: how the planner measures quality loss per row: "auto" (top-1 disagreement
+        for outputs with ``logits``, else 1 - cosine of the output vectors), "top1" (the
+        output is logits: a model returning a bare logits tensor), "cosine", or a
+        callable ``fn(dense_output, output)`` returning per-row losses in [0, 1].
     plan: measure the forms and plan them (default). ``plan=False`` skips it: each form
         then reads the budget as its own knob (``gated``: the share of its linears'
         work, ``expert``: of its FFNs', ``early_exit``: of the layer stack's), and a
@@ -61,6 +66,7 @@ def optimize(model: nn.Module, budget: float | None = None,
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (
             0.0 < confidence < 1.0):
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    quality = validate_quality(quality)
     auto = methods is None
     config = DynConfig(budget=validate_budget(1.0 if budget is None else budget),
                        methods=known_methods() if auto else validate_methods(methods),
@@ -69,6 +75,7 @@ def optimize(model: nn.Module, budget: float | None = None,
     opt = DynModule(own_model(model, config.methods, inplace), config, dynamic=dynamic)
     opt.state.confidence = float(confidence)
     opt.planned = bool(plan)
+    opt.quality = quality
     if calibration is not None:
         opt.calibrate(calibration, plan=plan)
     elif config.methods:

@@ -39,7 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .core.config import DynConfig, known_methods
     from .eval import report
     from .eval.registry import workload_names
-    from .eval.sweep import parse_method, run_sweep, save
+    from .eval.sweep import PLANNED, parse_method, run_sweep, save
 
     workloads = args.workloads.split(",") if args.workloads else workload_names()
     for w in workloads:
@@ -49,7 +49,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for m in methods:
         try:
             form, opts = parse_method(m)
-            DynConfig(methods=[form], form_options={form: opts} if opts else {})
+            if form == PLANNED:
+                forms = opts["forms"].split("/") if "forms" in opts else known_methods()
+                DynConfig(methods=forms, budget_unit=opts.get("unit", "flops"))
+            else:
+                DynConfig(methods=[form], form_options={form: opts} if opts else {})
         except ValueError as e:
             raise SystemExit(f"bad method {m!r}: {e}") from None
     try:
@@ -61,7 +65,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     results = run_sweep(workloads, methods, budgets, quick=args.quick,
                         timing=not args.no_timing, repeats=args.repeats, seed=args.seed)
-    stem = "bench-quick" if args.quick else "bench"
+    stem = args.name or ("bench-quick" if args.quick else "bench")
     path = save(results, out / f"{stem}.json")
     images = report.plot(results, out / stem)
     print(report.tables(results))
@@ -69,7 +73,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.update_md:
         md = Path(args.update_md)
         rel = os.path.relpath(out / stem, md.parent)
-        report.update_markdown(md, report.tables(results, image_dir=rel))
+        report.update_markdown(md, report.tables(results, image_dir=rel),
+                               section=args.name or "bench")
         print(f"updated {md}", file=sys.stderr)
     return 0
 
@@ -195,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="tiny settings (CI)")
     b.add_argument("--workloads", default="", help="comma list: minilm,classifier,lm (all)")
     b.add_argument("--methods", default="", help="comma list of forms (all registered); options as "
-                   "form:key=value+key=value, e.g. gated:glu=cats")
+                   "form:key=value+key=value, e.g. gated:glu=cats; 'planned' is every form "
+                   "under one budget (planned:unit=time, planned:forms=expert/early_exit)")
     b.add_argument("--budgets", default="1.0,0.75,0.5,0.3,0.2")
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--repeats", type=int, default=None, help="timing repeats per point")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-timing", action="store_true")
     b.add_argument("--update-md", default="", help="regenerate the tables in this markdown file")
+    b.add_argument("--name", default="", help="name of the results (JSON, plot folder and the "
+                   "markdown section between its markers; default: bench)")
     b.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):

@@ -44,6 +44,7 @@ class DynModule(nn.Module):
         self.state = BudgetState(config.budget)
         self.state.auto_calibrate = False
         self.planned = True
+        self.quality: Any = "auto"  # how the planner measures quality (see optimize())
         self.stats = _stats.CallStats(budget=config.budget)
         self._traced = False
         self._dynamic = dynamic
@@ -356,6 +357,7 @@ def make_plan(opt: DynModule, forms: list[str], fit: list[Any], test: list[Any],
     from tqdm.auto import tqdm
 
     state = opt.state
+    quality = opt.quality
 
     def run(batches: list[Any], knobs: dict[str, float]) -> tuple[list[Any], float, float]:
         outs, dense, spent, seconds = [], 0.0, 0.0, 0.0
@@ -364,7 +366,8 @@ def make_plan(opt: DynModule, forms: list[str], fit: list[Any], test: list[Any],
                 start = time.perf_counter()
                 out = state.run_forced(knobs, call_batch, opt, b)
                 seconds += time.perf_counter() - start
-                outs.append(_detached(out))  # a runner may reuse its output buffers
+                # a copy: a runner may reuse its output buffers
+                outs.append(_detached(out, callable(quality)))
                 dense += opt.stats.dense_flops
                 spent += opt.stats.spent_flops
         return outs, (spent / dense if dense else 1.0), seconds
@@ -385,7 +388,7 @@ def make_plan(opt: DynModule, forms: list[str], fit: list[Any], test: list[Any],
         def go(knobs: dict[str, float]) -> Measurement:
             outs, flops, seconds = run(batches, knobs)
             ref, dense_time = refs[key]
-            losses = torch.cat([row_losses(r, o, _mask(b)) for r, o, b in
+            losses = torch.cat([row_losses(r, o, _mask(b), quality) for r, o, b in
                                 zip(ref, outs, batches)]).tolist()
             return Measurement(flops, seconds / dense_time if dense_time else 1.0, losses)
         return go
@@ -409,10 +412,16 @@ def _mask(batch: Any) -> torch.Tensor | None:
     return m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
 
 
-def _detached(out: Any) -> Any:
-    """A copy of the output the quality is measured on, as ``{kind: tensor}``."""
+def _detached(out: Any, whole: bool = False) -> Any:
+    """A copy of the output the quality is measured on, as ``{kind: tensor}`` (``whole``:
+    the whole output, for a quality callable)."""
     from .plan.quality import primary
 
+    if whole:
+        from torch.utils._pytree import tree_map
+
+        return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v,
+                        out)
     got = primary(out)
     return None if got is None else {got[0]: got[1].detach().clone()}
 

@@ -313,6 +313,7 @@ class ClassifierWorkload(_MiniLMWorkload):
     name = "classifier"
     metrics = ("accuracy", "agreement")
     higher_is_better = {"accuracy": True, "agreement": True}
+    quality = "top1"  # the model returns a bare logits tensor
 
     def __init__(self, quick: bool = False, seed: int = 0) -> None:
         super().__init__(quick=quick, seed=seed)

@@ -78,12 +78,18 @@ def _timing(workload: Workload, dense_compiled: Callable, candidate: Callable, r
     return lat, dense_lat, speed
 
 
+PLANNED = "planned"
+
+
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """``"gated:glu=cats+allocation=greedy"`` -> ("gated", {"glu": "cats", ...}).
 
     A method is a form name, optionally with form options after a colon
     (``key=value`` pairs joined by ``+``; integer values become ints). The
-    full spec is the method's label in results, tables and plots.
+    full spec is the method's label in results, tables and plots. ``"planned"``
+    is every form under one budget, as ``optimize(model, budget=b)`` plans them;
+    its options: ``unit=time`` (the budget in measured time, not FLOPs) and
+    ``forms=expert/early_exit`` (restrict the forms, ``/``-separated).
     """
     name, _, rest = spec.partition(":")
     opts: dict[str, Any] = {}
@@ -92,7 +98,20 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         if not eq or not key:
             raise ValueError(f"method {spec!r}: options are key=value pairs joined by '+'")
         opts[key] = int(value) if value.isdigit() else value
+    if name == PLANNED and set(opts) - {"unit", "forms"}:
+        raise ValueError(f"method {spec!r}: planned takes unit=flops|time and forms=a/b")
     return name, opts
+
+
+def _optimized(dense: Any, method: str, workload: Workload) -> Any:
+    form, opts = parse_method(method)
+    calibration = workload.calibration()
+    if form == PLANNED:
+        forms = opts["forms"].split("/") if "forms" in opts else None
+        return optimize(dense, methods=forms, calibration=calibration,
+                        budget_unit=opts.get("unit", "flops"), quality=workload.quality)
+    return optimize(dense, methods=[form], calibration=calibration, plan=False,
+                    form_options={form: opts} if opts else None)
 
 
 def run_sweep(workloads: list[str | Workload], methods: list[str], budgets: tuple[float, ...] =
@@ -144,9 +163,8 @@ def run_sweep(workloads: list[str | Workload], methods: list[str], budgets: tupl
                               speed))
         bar.update(1)
         for method in methods:
-            form, opts = parse_method(method)
-            opt = optimize(dense, methods=[form], calibration=w.calibration(), plan=False,
-                           form_options={form: opts} if opts else None)
+            bar.set_postfix_str(f"{name}: {method}, calibrating")
+            opt = _optimized(dense, method, w)
             for b in budgets:
                 bar.set_postfix_str(f"{name}: {method} @ {b}")
                 rec = _Recorder(opt)

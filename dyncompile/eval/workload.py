@@ -23,6 +23,8 @@ class Workload(ABC):
     name: str = "workload"
     metrics: tuple[str, ...] = ()
     higher_is_better: dict[str, bool] = {}
+    #: how the planner measures quality on this model's outputs (``optimize(quality=)``)
+    quality: str = "auto"
 
     def __init__(self, quick: bool = False, seed: int = 0) -> None:
         self.quick = quick

@@ -5,9 +5,10 @@ work it keeps, ``expert`` the share of its FFN work, ``early_exit`` the share of
 layer stack's work. :func:`search` measures, on calibration rows, each form alone
 over its knob's range (quality loss, FLOPs spent, wall-clock time), predicts every
 joint setting by adding the forms' savings and losses, and keeps, for each target
-spend (0.95, 0.90, ... 0.10), the setting predicted to lose the least within it.
-Those points (the path, most expensive first) are then measured jointly on
-held-out rows (forms interact), which gives the :class:`Plan`:
+spend (0.95, 0.90, ... 0.10), the setting predicted to lose the least within it,
+and each form's best setting alone within it. Those points (the path, most
+expensive first) are then measured jointly on held-out rows (forms interact),
+which gives the :class:`Plan`:
 
 - a budget picks the point of the Pareto frontier (measured) that spends the most
   within it, the least lossy there;
@@ -256,10 +257,13 @@ def choose(curves: dict[str, list[Measurement]], grid: Sequence[float], unit: st
            targets: Sequence[float]) -> list[tuple[int, ...]]:
     """Grid indices (one per form, in ``curves``' order) of the joint settings to measure:
     dense first, then for each target the setting predicted to lose the least while
-    spending at most the target, cheapest last. The prediction adds up each form's
-    measured saving and loss (every combination is scored: a form whose first steps
-    cost more than they save, as a router does, is still reached through its later
-    ones); ties go to the setting that changes the knobs least."""
+    spending at most the target, and each form's best setting alone within it, most
+    expensive first (the order is fixed by the fitting rows, as fixed-sequence testing
+    needs). The prediction adds up each form's measured saving and loss (every
+    combination is scored: a form whose first steps cost more than they save, as a
+    router does, is still reached through its later ones); ties go to the setting that
+    changes the knobs least. Forms interact, so the joint measurement on held-out rows
+    decides between a mix and a form alone."""
     forms = list(curves)
 
     def cost(m: Measurement) -> float:
@@ -273,18 +277,22 @@ def choose(curves: dict[str, list[Measurement]], grid: Sequence[float], unit: st
         loss = sum(lost[i][j] for i, j in enumerate(idx))
         scored.append((loss, sum(idx), spend, idx))
     dense = (0,) * len(forms)
-    picked: list[tuple[float, tuple[int, ...]]] = []
+    picked: dict[tuple[int, ...], float] = {}
     for t in sorted(targets, reverse=True):
         within = [s for s in scored if s[2] <= t + 1e-12]
         if within:
             loss, _, spend, idx = min(within, key=lambda s: (s[0], s[1]))
-            if idx != dense and all(idx != q for _, q in picked):
-                picked.append((spend, idx))
-    picked.sort(key=lambda p: -p[0])
-    return [dense, *(idx for _, idx in picked)]
+            picked.setdefault(idx, spend)
+        for i in range(len(forms)):  # each form alone too: the sum can miss interactions
+            alone = [s for s in within if all(j == 0 for k, j in enumerate(s[3]) if k != i)]
+            if alone:
+                loss, _, spend, idx = min(alone, key=lambda s: (s[0], s[1]))
+                picked.setdefault(idx, spend)
+    picked.pop(dense, None)
+    return [dense, *sorted(picked, key=lambda idx: (-picked[idx], idx))]
 
 
 def path_length(forms: int, grid: Sequence[float] = GRID,
                 targets: Sequence[float] = TARGETS) -> int:
     """Upper bound of the measurements :func:`search` makes (for progress bars)."""
-    return 1 + forms * (len(grid) - 1) + 1 + len(targets)
+    return 1 + forms * (len(grid) - 1) + 1 + len(targets) + forms * (len(grid) - 1)

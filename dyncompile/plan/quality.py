@@ -6,14 +6,31 @@ tensor (a hidden state, an embedding). Each row (dim 0) gets a loss in [0, 1]:
 - logits: the share of positions whose top-1 class differs from the dense one;
 - anything else: ``1 - cosine`` of each position's vector with the dense one,
   averaged over the row's positions (clipped to [0, 1]).
+
+``optimize(..., quality=...)`` overrides the choice: ``"top1"`` reads the output
+as logits (a model that returns a bare logits tensor), ``"cosine"`` compares
+vectors even for logits, and a callable ``fn(dense_output, output) -> tensor of
+per-row losses in [0, 1]`` measures anything else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+#: Named quality measures ("auto": top-1 for ``logits`` outputs, else cosine).
+QUALITIES = ("auto", "cosine", "top1")
+Quality = str | Callable[[Any, Any], torch.Tensor]
+
+
+def validate_quality(quality: Any) -> Quality:
+    """``quality`` as given, or ValueError naming what is accepted."""
+    if callable(quality) or quality in QUALITIES:
+        return quality
+    raise ValueError(f"quality must be one of {', '.join(map(repr, QUALITIES))} or a "
+                     f"callable (dense_output, output) -> per-row losses, got {quality!r}")
 
 
 def primary(out: Any) -> tuple[str, torch.Tensor] | None:
@@ -42,15 +59,25 @@ def primary(out: Any) -> tuple[str, torch.Tensor] | None:
     return None
 
 
-def row_losses(dense: Any, approx: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
+def row_losses(dense: Any, approx: Any, mask: torch.Tensor | None = None,
+               quality: Quality = "auto") -> torch.Tensor:
     """Loss in [0, 1] of each row of ``approx`` against ``dense`` (float64, on the CPU);
     ``mask`` ([rows, positions], e.g. the attention mask) leaves padding out."""
+    if callable(quality):
+        got = torch.as_tensor(quality(dense, approx)).detach().double().cpu().flatten()
+        if got.numel() and (bool(got.isnan().any()) or got.min() < 0 or got.max() > 1):
+            raise ValueError("dyncompile: the quality callable must return per-row losses "
+                             f"in [0, 1], got values in [{float(got.min())}, "
+                             f"{float(got.max())}]")
+        return got
     d, a = primary(dense), primary(approx)
     if d is None or a is None:
         raise ValueError("dyncompile: the model's output holds no floating tensor to "
                          "measure quality on (planning needs logits or hidden states)")
     kind, dt = d
     at = a[1]
+    if quality != "auto":
+        kind = "logits" if quality == "top1" else "hidden"
     if dt.shape != at.shape:
         raise ValueError(f"dyncompile: output shape {tuple(at.shape)} differs from the "
                          f"dense model's {tuple(dt.shape)}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dyncompile.eval import report
-from dyncompile.eval.sweep import run_sweep, save
+from dyncompile.eval.sweep import parse_method, run_sweep, save
 from dyncompile.eval.timing import paired_speedup, time_interleaved
 from dyncompile.eval.workload import Workload
 from dyncompile.testing.zoo import PlainMLP
@@ -87,3 +87,37 @@ def test_sweep_rejects_a_dense_model_that_does_not_reproduce():
 
     with pytest.raises(RuntimeError, match="does not reproduce"):
         run_sweep([Noisy()], methods=[], timing=False, progress=False)
+
+
+def test_planned_method_is_every_form_under_one_budget(tmp_path):
+    results = run_sweep([MLPWorkload()], methods=["planned"], budgets=(1.0, 0.5),
+                        timing=False, progress=False)
+    rows = {(r["method"], r["budget"]): r for r in results["workloads"]["mlp"]["results"]}
+    dense = rows[("dense", 1.0)]
+    assert rows[("planned", 1.0)]["metrics"]["cosine"] == pytest.approx(
+        dense["metrics"]["cosine"], abs=1e-5)
+    assert rows[("planned", 1.0)]["spent"] == pytest.approx(1.0)
+    assert rows[("planned", 0.5)]["spent"] < 0.95  # the plan spent less at the lower budget
+    (png,) = report.plot(results, tmp_path / "plots")
+    assert png.stat().st_size > 1000
+
+
+def test_parse_planned_method_options():
+    assert parse_method("planned") == ("planned", {})
+    assert parse_method("planned:unit=time+forms=expert/gated") == (
+        "planned", {"unit": "time", "forms": "expert/gated"})
+    with pytest.raises(ValueError, match="planned takes"):
+        parse_method("planned:glu=cats")
+
+
+def test_named_sections_regenerate_side_by_side(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    report.update_markdown(md, "first table")
+    report.update_markdown(md, "plan table", section="plan")
+    report.update_markdown(md, "plan table, again", section="plan")
+    text = md.read_text()
+    begin, end = report.markers("plan")
+    assert text.count(begin) == 1 and text.count(end) == 1
+    assert "first table" in text and "plan table, again" in text
+    assert "plan table\n" not in text and text.count(report.BEGIN) == 1

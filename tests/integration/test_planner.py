@@ -160,3 +160,27 @@ def test_a_form_chosen_for_the_user_that_finds_nothing_does_not_warn():
         opt = dyncompile.optimize(model, calibration=cal, compiler="eager",
                                   form_options=EXPERT)
     assert opt.report().rewritten["expert"] and not opt.report().rewritten["early_exit"]
+
+
+def test_quality_option_plans_on_the_measure_the_user_names():
+    model = _Mlp().eval()
+    cal = [_rows(s) for s in range(6)]
+    seen = []
+
+    def worst_position(dense, out):                        # the whole outputs reach it
+        seen.append((type(dense), tuple(out.shape)))
+        return (1 - torch.cosine_similarity(dense, out, dim=-1)).clamp(0, 1).amax(-1)
+
+    opt = dyncompile.optimize(model, methods=["expert"], calibration=cal, compiler="eager",
+                              form_options=EXPERT, quality=worst_position)
+    assert seen and seen[0] == (torch.Tensor, (32, 4, 32))
+    top1 = dyncompile.optimize(model, methods=["expert"], calibration=cal, compiler="eager",
+                               form_options=EXPERT, quality="top1", tolerance=0.6)
+    fresh = _rows(100, 256)
+    with torch.no_grad():
+        flips = row_losses(model(fresh), top1(fresh), quality="top1").mean()
+    assert flips <= 0.6 and top1.certify(0.6).point.flops < 1.0
+    # the plans differ: each ranks points by its own measure
+    assert [p.loss for p in opt.plan.points] != [p.loss for p in top1.plan.points]
+    with pytest.raises(ValueError, match="quality must be one of"):
+        dyncompile.optimize(model, quality="kl")

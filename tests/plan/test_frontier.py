@@ -29,9 +29,11 @@ def test_the_plan_spends_the_form_that_loses_least_per_flop_first():
     plan = search(["cheap", "costly"], fit, test)
     knobs = [p.knobs for p in sorted(plan.points, key=lambda p: p.step)]
     assert knobs[0] == {"cheap": 1.0, "costly": 1.0}
-    # "cheap" alone saves up to 0.32: every point spending 0.68 or more leaves "costly" dense
-    assert all(p.knobs["costly"] == 1.0 for p in plan.points if p.flops >= 0.68 - 1e-9)
-    assert any(p.knobs["costly"] < 1.0 for p in plan.points)      # needed below 0.68
+    # "cheap" alone saves up to 0.32: every frontier point spending 0.68 or more leaves
+    # "costly" dense ("costly" alone is measured too, and loses)
+    front = plan.frontier()
+    assert all(p.knobs["costly"] == 1.0 for p in front if p.flops >= 0.68 - 1e-9)
+    assert any(p.knobs["costly"] < 1.0 for p in front)      # needed below 0.68
     assert [p.flops for p in plan.points] == sorted((p.flops for p in plan.points),
                                                     reverse=True)  # path: costliest first
     assert len(calls) == len(knobs)  # each path point measured jointly once
@@ -110,3 +112,26 @@ def test_plan_round_trips_through_a_dict_and_prints_a_table(tmp_path):
                                               "time"]
     out = plan.plot(tmp_path / "plan.png")
     assert out.stat().st_size > 1000
+
+
+def test_a_form_alone_wins_when_the_mix_measures_worse_than_the_sum_predicts():
+    # Two forms that look additive on the fitting rows, but interact: jointly they lose
+    # far more than the sum (early exit's confidence reads hidden states another form
+    # perturbed). The held-out measurement must let the form alone win.
+    costs = {"exit": lambda k: 0.9 * (1 - k), "ffn": lambda k: 0.3 * (1 - k)}
+    losses = {"exit": lambda k: 0.2 * (1 - k), "ffn": lambda k: 0.02 * (1 - k)}
+    fit, _ = _fake(costs, losses)
+    joint, calls = _fake(costs, losses)
+
+    def test(knobs):
+        m = joint(knobs)
+        if knobs.get("exit", 1.0) < 1.0 and knobs.get("ffn", 1.0) < 1.0:
+            m.losses = [x + 0.3 for x in m.losses]
+        return m
+
+    plan = search(["exit", "ffn"], fit, test)
+    assert {tuple(sorted(c.items())) for c in calls} >= {(("exit", 0.5), ("ffn", 1.0))}
+    k = plan.knobs_for_budget(0.55)
+    assert k["ffn"] == 1.0 and k["exit"] == 0.5  # exit alone, not the mix the sum prefers
+    steps = sorted(plan.points, key=lambda p: p.step)
+    assert [p.step for p in steps] == list(range(len(steps)))

@@ -23,3 +23,24 @@ def test_logits_lose_the_share_of_changed_top1_and_outputs_are_found_by_name():
     out = {"hidden": torch.zeros(2, 2, 4), "logits": flipped}
     assert primary(out)[0] == "logits"
     assert row_losses({"logits": logits}, out).tolist() == [0.5, 0.0]
+
+
+def test_quality_override_reads_a_bare_tensor_as_logits_or_logits_as_vectors():
+    import pytest
+
+    from dyncompile.plan.quality import validate_quality
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
+    scaled = logits * 2                                    # same top-1, same direction
+    flipped = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]])  # row 0's top-1 changes
+    assert row_losses(logits, flipped, quality="top1").tolist() == [1.0, 0.0]
+    auto = row_losses(logits, flipped)                    # a bare tensor: cosine by default
+    assert 0.0 < auto[0] < 1.0 and auto[1] == 0.0
+    assert row_losses({"logits": logits}, {"logits": scaled}, quality="cosine").abs().max() \
+        < 1e-12
+    got = row_losses(logits, flipped, quality=lambda d, a: (d - a).abs().amax(-1) / 10)
+    assert got.tolist() == pytest.approx([0.1, 0.0])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        row_losses(logits, flipped, quality=lambda d, a: 3 * (d - a).abs().amax(-1))
+    with pytest.raises(ValueError, match="quality must be one of"):
+        validate_quality("kl")
