@@ -10,8 +10,8 @@ and each form's best setting alone within it. Those points (the path, most
 expensive first) are then measured jointly on held-out rows (forms interact),
 which gives the :class:`Plan`:
 
-- a budget picks the point of the Pareto frontier (measured) that spends the most
-  within it, the least lossy there;
+- a budget picks the least lossy measured point within it, or, of the points
+  within one standard error of that loss, the one that spends the most;
 - a tolerance picks the cheapest point of the path whose loss is certified within
   it, testing the path's points in order (fixed-sequence Learn-then-Test, with the
   Hoeffding-Bentkus bound of :mod:`dyncompile.plan.bound`).
@@ -47,6 +47,15 @@ class Measurement:
     def loss(self) -> float:
         return sum(self.losses) / len(self.losses) if self.losses else 0.0
 
+    @property
+    def se(self) -> float:
+        """Standard error of :attr:`loss` (the rows' spread / sqrt(rows))."""
+        n = len(self.losses)
+        if n < 2:
+            return 0.0
+        mean = self.loss
+        return (sum((x - mean) ** 2 for x in self.losses) / (n - 1) / n) ** 0.5
+
 
 @dataclass
 class Point:
@@ -58,6 +67,7 @@ class Point:
     loss: float
     rows: int
     step: int = 0
+    se: float = 0.0  # standard error of loss
 
     def cost(self, unit: str) -> float:
         return self.flops if unit == "flops" else self.time
@@ -109,15 +119,25 @@ class Plan:
     def dense(self) -> Point:
         return self.points[0]
 
-    def knobs_for_budget(self, value: float) -> dict[str, float]:
-        """Every form's knob for budget ``value`` (a fraction of dense in ``unit``): the
-        frontier point that spends the most within it (the cheapest point when none
-        does). Knob values between measured points are not used: a form's cost need
-        not fall monotonically between grid values (a router costs before it saves)."""
-        front = self.frontier()
+    def point_for_budget(self, value: float) -> Point:
+        """The measured point a budget ``value`` (a fraction of dense in ``unit``) runs:
+        among the points within it, the least lossy, or, among those whose loss is
+        within one standard error of it, the one that spends the most (on a few
+        held-out rows a cheaper point can measure better by chance: the budget the
+        user gave is not given away on noise). The cheapest point when none is within.
+        Knob values between measured points are not used: a form's cost need not fall
+        monotonically between grid values (a router costs before it saves)."""
         unit = self.unit
-        within = [p for p in front if p.cost(unit) <= value + 1e-9]
-        return dict((within[-1] if within else front[0]).knobs)
+        within = [p for p in self.points if p.cost(unit) <= value + 1e-9]
+        if not within:
+            return self.frontier()[0]
+        best = min(within, key=lambda p: (p.loss, -p.cost(unit)))
+        near = [p for p in within if p.loss <= best.loss + best.se + 1e-12]
+        return max(near, key=lambda p: (p.cost(unit), -p.loss))
+
+    def knobs_for_budget(self, value: float) -> dict[str, float]:
+        """Every form's knob for budget ``value``: see :meth:`point_for_budget`."""
+        return dict(self.point_for_budget(value).knobs)
 
     def certify(self, tolerance: float, confidence: float | None = None) -> Certificate:
         """The cheapest point of the path certified within ``tolerance`` (mean loss on
@@ -245,10 +265,10 @@ def search(forms: Sequence[str], measure_fit: Callable[[dict[str, float]], Measu
     for step, idx in enumerate(chosen):
         knobs = {f: float(grid[j]) for f, j in zip(forms, idx)}
         m = measure_test(knobs)
-        points.append(Point(knobs, m.flops, m.time, m.loss, len(m.losses), step))
+        points.append(Point(knobs, m.flops, m.time, m.loss, len(m.losses), step, m.se))
         tick(1)
     points[0] = Point(points[0].knobs, 1.0, 1.0, 0.0, points[0].rows, 0)
-    single = {f: [Point({f: float(k)}, m.flops, m.time, m.loss, len(m.losses), i)
+    single = {f: [Point({f: float(k)}, m.flops, m.time, m.loss, len(m.losses), i, m.se)
                   for i, (k, m) in enumerate(zip(grid, curves[f]))] for f in forms}
     return Plan(forms, points, unit=unit, held_out=held_out, single=single)
 

@@ -135,3 +135,22 @@ def test_a_form_alone_wins_when_the_mix_measures_worse_than_the_sum_predicts():
     assert k["ffn"] == 1.0 and k["exit"] == 0.5  # exit alone, not the mix the sum prefers
     steps = sorted(plan.points, key=lambda p: p.step)
     assert [p.step for p in steps] == list(range(len(steps)))
+
+
+def test_a_budget_does_not_give_its_spend_away_on_held_out_noise():
+    from dyncompile.plan import Point
+
+    dense = Point({"f": 1.0}, 1.0, 1.0, 0.0, 64, 0)
+    near = Point({"f": 0.8}, 0.74, 0.8, 0.050, 64, 1, se=0.027)   # 3.2 of 64 rows flip
+    lucky = Point({"f": 0.5}, 0.45, 0.5, 0.047, 64, 2, se=0.026)  # 3 flip, by chance
+    far = Point({"f": 0.3}, 0.30, 0.3, 0.200, 64, 3, se=0.05)
+    plan = Plan(["f"], [dense, near, lucky, far])
+    assert plan.frontier()[:2] == [far, lucky]   # the Pareto view drops "near" ...
+    assert plan.point_for_budget(0.75) is near   # ... but a 0.75 budget spends 0.74
+    assert plan.point_for_budget(0.5) is lucky
+    assert plan.point_for_budget(0.2) is far     # nothing within: the cheapest
+    assert plan.point_for_budget(1.0) is dense
+    sure = Point({"f": 0.5}, 0.45, 0.5, 0.010, 400, 2, se=0.005)  # clearly better
+    plan = Plan(["f"], [dense, near, sure, far])
+    assert plan.point_for_budget(0.75) is sure
+    assert Plan.from_dict(plan.to_dict()).points == plan.points
