@@ -20,6 +20,7 @@ which gives the :class:`Plan`:
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,7 +131,14 @@ class Plan:
         unit = self.unit
         within = [p for p in self.points if p.cost(unit) <= value + 1e-9]
         if not within:
-            return self.frontier()[0]
+            cheapest = self.frontier()[0]
+            warnings.warn(
+                f"dyncompile: budget {value:g} is below every planned point: the cheapest "
+                f"spends {cheapest.cost(unit):.3f} of dense "
+                f"{'FLOPs' if unit == 'flops' else 'time'} (loss {cheapest.loss:.3g}) and "
+                f"runs instead (the forms' knobs reach no lower on this model)",
+                UserWarning, stacklevel=2)
+            return cheapest
         best = min(within, key=lambda p: (p.loss, -p.cost(unit)))
         near = [p for p in within if p.loss <= best.loss + best.se + 1e-12]
         return max(near, key=lambda p: (p.cost(unit), -p.loss))
