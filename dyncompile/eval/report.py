@@ -43,14 +43,17 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ax_q.plot([dense["spent"]], [dense["metrics"][metric]], "k*", ms=10)
         ax_s.axhline(1.0, color="gray", ls="--", lw=1, label="dense (same run)")
         methods = sorted({r["method"] for r in rows} - {"dense"})
-        for m in methods:
+        colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+        for m in methods:  # one color per method in both panels; one line style per shape
             pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["spent"])
-            style = "ks-" if m.startswith("planned") else "o-"
-            ax_q.plot([r["spent"] for r in pts], [r["metrics"][metric] for r in pts], style,
-                      label=m, lw=2.5 if style == "ks-" else 1.5)
-            for shape in pts[0]["speedup"]:
+            planned = m.startswith("planned")
+            color = "k" if planned else next(colors)
+            marker = "s" if planned else "o"
+            ax_q.plot([r["spent"] for r in pts], [r["metrics"][metric] for r in pts],
+                      marker=marker, color=color, label=m, lw=2.5 if planned else 1.5)
+            for shape, ls in zip(pts[0]["speedup"], ("-", ":", "--", "-.") * 4):
                 ax_s.plot([r["spent"] for r in pts], [r["speedup"][shape] for r in pts],
-                          "s-" if style == "ks-" else "o-", label=f"{m} {shape}")
+                          marker=marker, color=color, ls=ls, label=f"{m} {shape}")
         if not methods:
             for shape, s in dense["speedup"].items():
                 ax_s.plot([1.0], [s], "o", label=f"dyn, no form, {shape}")
