@@ -186,11 +186,24 @@ class Plan:
         return got
 
     # ---------------------------------------------------------------- showing
+    def run_points(self) -> list[Point]:
+        """The points budgets from 1.0 down to the cheapest point run (see
+        :meth:`point_for_budget`), most expensive first."""
+        cheapest = self.frontier()[0].cost(self.unit)
+        out: list[Point] = []
+        for b in (1.0, *TARGETS, *(p.cost(self.unit) for p in self.points)):
+            if b >= cheapest - 1e-9:
+                p = self.point_for_budget(b)
+                if all(p is not q for q in out):
+                    out.append(p)
+        return sorted(out, key=lambda p: -p.cost(self.unit))
+
     def table(self) -> str:
-        """The frontier as a table: budget, each form's knob, loss, FLOPs, time."""
+        """The points budgets run, as a table: the budget from which each runs (its
+        spend), each form's knob, loss, FLOPs, time."""
         head = ["budget", *self.forms, "loss", "flops", "time"]
         rows = []
-        for p in reversed(self.frontier()):
+        for p in self.run_points():
             rows.append([f"{p.cost(self.unit):.3f}", *(f"{p.knobs.get(f, 1.0):.2f}"
                                                        for f in self.forms),
                          f"{p.loss:.3g}", f"{p.flops:.3f}", f"{p.time:.3f}"])
@@ -202,7 +215,8 @@ class Plan:
         lines.append(f"budget: fraction of dense {what}; "
                      f"loss: mean over {self.dense.rows} "
                      f"{'held-out ' if self.held_out else ''}rows (1 - cosine, or top-1 "
-                     f"disagreement for logits); {len(self.points)} points measured")
+                     f"disagreement for logits); {len(self.points)} points measured; a "
+                     f"budget runs the row at or below it")
         return "\n".join(lines)
 
     def __str__(self) -> str:

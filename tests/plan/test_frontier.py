@@ -152,6 +152,9 @@ def test_a_budget_does_not_give_its_spend_away_on_held_out_noise():
     with pytest.warns(UserWarning, match="below every planned point: the cheapest spends 0.300"):
         assert plan.point_for_budget(0.2) is far  # nothing within: the cheapest, said
     assert plan.point_for_budget(1.0) is dense
+    assert plan.run_points() == [dense, near, lucky, far]
+    assert [line.split()[0] for line in plan.table().splitlines()[2:6]] == [
+        "1.000", "0.740", "0.450", "0.300"]             # the table shows what budgets run
     sure = Point({"f": 0.5}, 0.45, 0.5, 0.010, 400, 2, se=0.005)  # clearly better
     plan = Plan(["f"], [dense, near, sure, far])
     assert plan.point_for_budget(0.75) is sure
