@@ -65,7 +65,10 @@ def numel_expr(shape: Iterable[Any]) -> sympy.Expr:
 # Parameters
 
 _TOKEN = re.compile(r"\.(\w+)|\['([^']*)'\]")
-_CONTAINERS = {"_modules", "_parameters", "_buffers"}
+# Tokens of a source name that are no part of the module path: the containers, and
+# ``__self__`` (a bound method's module, as a graph entered through ``model.forward``
+# held by ``generate()`` names it), so every entry point names a parameter alike.
+_CONTAINERS = {"_modules", "_parameters", "_buffers", "__self__"}
 
 
 def _source_fqn(source_name: str) -> tuple[str, str]:

@@ -39,6 +39,28 @@ def test_cpu_kernel_matches_reference(tokens, shape, sparsity_thr):
     torch.testing.assert_close(op(x, wt, b, thr), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 3, 9, 40])
+@pytest.mark.parametrize("shape", [(37, 53), (300, 17), (129, 257)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_half_precision_weights_sum_in_fp32(dtype, tokens, shape, bias):
+    """bf16 / fp16 inputs and weights (a model cast to half precision): the same result
+    as the fp32 sum of the same half-precision values, in the input's dtype, on the row
+    walk (few tokens) and on the dense path (many)."""
+    x, wt, b = _case(tokens, *shape, seed=tokens, bias=bias)
+    x, wt = x.to(dtype), wt.to(dtype)
+    b = b.to(dtype) if bias else None
+    for thr in (0.0, 0.5, 1.5):
+        y = op(x, wt, b, thr)
+        assert y.dtype == dtype and y.shape == (tokens, shape[1])
+        ref = sparse_linear_reference(x, wt, b, thr)
+        torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=2e-2)
+    if kernel_available():
+        y, k, pairs, walked = sparse_linear_cpu(x, wt, b, 1.5, 16, 0.85, 8)
+        assert walked == (tokens <= 8 or (tokens <= 16 and k <= 0.85 * shape[0]))
+        assert pairs == int((x.float().abs() >= 1.5).sum())
+
+
 def test_threshold_zero_is_the_dense_linear():
     x, wt, b = _case(5, 40, 24)
     torch.testing.assert_close(op(x, wt, b, torch.tensor(0.0)), F.linear(x, wt.t(), b))

@@ -235,3 +235,16 @@ def test_no_class_names_in_passes():
     hits = [str(p) for p in root.rglob("*.py")
             if "testing" not in p.parts and pattern.search(p.read_text())]
     assert hits == []
+
+
+@pytest.mark.parametrize("source", [
+    "L['self']._modules['model']._modules['fc']._parameters['weight']",
+    "L['self'].__self__._modules['model']._modules['fc']._parameters['weight']",
+    "L['fn'].__self__.model.fc._parameters['weight']",
+])
+def test_a_parameter_has_one_name_whatever_the_entry_point(source):
+    """``opt(x)`` and ``generate()`` (which holds ``model.forward``, a bound method) trace
+    graphs whose sources name a parameter differently; sites keyed on the name must agree."""
+    from dyncompile.passes.graph_utils import _source_fqn
+
+    assert _source_fqn(source) == ("param", "model.fc.weight")

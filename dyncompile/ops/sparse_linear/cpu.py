@@ -1,5 +1,9 @@
 """CPU kernel: accumulate only the weight rows of active input channels.
 
+Weights in fp32, bf16 or fp16, summed in fp32 (the output in the input's dtype).
+The loops are plain C++ that the compiler vectorizes for the machine it builds on
+(AVX2, AVX-512, NEON or SVE), so every CPU gets the same kernel.
+
 For few tokens (the decode regime) a C++ kernel walks the union of active
 channels once and adds ``x[t, i] * W_t[i, :]`` into each token's output, with
 torch's thread pool splitting the active rows (private accumulators, no weight copy). It is
@@ -15,10 +19,14 @@ import torch
 
 from ..cpp_extension import InlineExtension
 
-_EXT = InlineExtension("dyncompile_sparse_linear_v6",
+_EXT = InlineExtension("dyncompile_sparse_linear_v7",
                        Path(__file__).with_name("sparse_linear.cpp"), ["sparse_linear_fwd"],
                        ("-O3", "-march=native"))
 
+
+
+# Weight and input dtypes the C++ kernel takes (the sum is always fp32).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
@@ -31,7 +39,7 @@ def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Ten
     most ``rows_always`` tokens, where walking the rows beats a GEMM even when
     all are active); otherwise runs one dense GEMM on the masked input.
     """
-    mod = _EXT.load() if x2d.dtype == torch.float32 and weight_t.dtype == torch.float32 else None
+    mod = _EXT.load() if x2d.dtype in KERNEL_DTYPES and weight_t.dtype in KERNEL_DTYPES else None
     if mod is not None:
         y, k, pairs, sparse = mod.sparse_linear_fwd(
             x2d, weight_t, bias if bias is not None else torch.empty(0), threshold,
@@ -40,13 +48,15 @@ def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Ten
     mask = x2d.abs() >= threshold
     on = mask.any(0)
     k, pairs = int(on.sum()), int(mask.sum())
+    kept = (x2d * mask).to(weight_t.dtype)
     if x2d.shape[0] <= max_tokens and (k <= max_active * x2d.shape[1]
                                        or x2d.shape[0] <= rows_always):
         idx = on.nonzero().flatten()
-        y = (x2d * mask).index_select(1, idx) @ weight_t.index_select(0, idx)
-        y = y + bias if bias is not None else y
-        return y, k, pairs, True
-    return torch.nn.functional.linear(x2d * mask, weight_t.t(), bias), k, pairs, False
+        y = kept.index_select(1, idx).float() @ weight_t.index_select(0, idx).float()
+        y = y + bias.float() if bias is not None else y
+        return y.to(x2d.dtype), k, pairs, True
+    y = torch.nn.functional.linear(kept, weight_t.t(), bias)
+    return y.to(x2d.dtype), k, pairs, False
 
 
 def kernel_available() -> bool:

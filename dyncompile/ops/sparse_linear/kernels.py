@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu import sparse_linear_cpu
+from .cpu import KERNEL_DTYPES, sparse_linear_cpu
 
 # Row skipping beats a dense GEMM only in the decode regime: few tokens, and
 # a union of active channels well below the full width.
@@ -32,7 +32,7 @@ def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
     x2 = x.reshape(-1, n_in)
     n = x2.shape[0]
     dense = 2.0 * n * n_in * n_out
-    if thr <= 0 or n == 0 or x.dtype != torch.float32:
+    if thr <= 0 or n == 0 or x.dtype not in KERNEL_DTYPES:
         kept = x2 * (x2.abs() >= thr) if thr > 0 else x2
         y = F.linear(kept, weight_t.t(), bias)
         pairs = n * n_in if thr <= 0 else float((x2.abs() >= thr).sum())

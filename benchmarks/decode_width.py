@@ -1,0 +1,128 @@
+"""Decode speed at real model widths: Llama-shaped LMs built from configs, dense vs forms.
+
+Each shape is a ``LlamaForCausalLM`` (GQA, SwiGLU) built from a config with random
+weights (speed does not depend on the values; quality is measured on the trained
+harness LM by ``dyncompile bench``). The dense model runs its ``forward`` under the
+default ``torch.compile``; each form is ``dyncompile.optimize(model, methods=[form],
+calibration=..., plan=False)`` (calibrated on random token batches; the budget is
+the form's own knob: ``gated`` keeps that share of its linears' work) at every budget. All go
+through Hugging Face ``generate()`` (greedy, KV cache) at batch 1 (or ``--batch``),
+interleaved, median of repeats, a fixed number of threads. Reported: tokens/s, the
+ratio to dense, the fraction of the model's dense FLOPs spent, the bytes each model
+keeps resident (parameters and buffers, shared storage counted once) and whether
+greedy tokens at budget 1.0 equal dense.
+
+    python benchmarks/decode_width.py [--shape 0.5b|1b|tiny] [--dtype fp32|bf16]
+        [--methods gated,expert] [--budgets 1.0,0.75,0.5,0.3] [--new-tokens 16]
+        [--repeats 3] [--batch 1] [--threads 2] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dyncompile
+from dyncompile.eval.llama_shapes import DTYPES, SHAPES, build, random_prompts, resident_bytes
+from dyncompile.eval.sweep import parse_method
+from dyncompile.eval.timing import device_info, time_interleaved
+
+
+def run(shape: str = "0.5b", dtype: str = "fp32", methods: tuple[str, ...] = ("gated",),
+        budgets: tuple[float, ...] = (1.0, 0.75, 0.5, 0.3), new_tokens: int = 16,
+        repeats: int = 3, batch: int = 1, prompt_len: int = 32,
+        threads: int = 2) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    t0 = time.perf_counter()
+    base = build(shape, DTYPES[dtype])
+    vocab = base.config.vocab_size
+    dense_bytes = resident_bytes(base)
+    dense_fwd = torch.compile(base.forward)
+    models: dict[str, Any] = {}
+    resident = {"dense": dense_bytes}
+    setup_s: dict[str, float] = {}
+    for method in methods:
+        form, opts = parse_method(method)
+        t1 = time.perf_counter()
+        opt = dyncompile.optimize(base, methods=[form], calibration=random_prompts(vocab),
+                                  form_options={form: opts} if opts else None, plan=False)
+        setup_s[method] = time.perf_counter() - t1
+        models[method] = opt
+        resident[method] = resident_bytes(opt.model)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, vocab, (batch, prompt_len), generator=g)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+
+    def gen_dense() -> torch.Tensor:
+        fwd = base.forward
+        base.forward = dense_fwd
+        try:
+            return base.generate(ids, **kw)
+        finally:
+            base.forward = fwd
+
+    spent: dict[str, float] = {}
+
+    def gen_opt(method: str, b: float) -> torch.Tensor:
+        with dyncompile.budget(b):
+            out = models[method].generate(ids, **kw)
+        spent[f"{method}@{b}"] = models[method].stats.fraction
+        return out
+
+    fns = {"dense": gen_dense}
+    same: dict[str, bool] = {}
+    with torch.no_grad():
+        ref = gen_dense()
+        for method in methods:
+            same[method] = torch.equal(ref, gen_opt(method, 1.0))
+            for b in budgets:
+                fns[f"{method}@{b}"] = lambda m=method, b=b: gen_opt(m, b)
+        compiles = dyncompile.compile_count()
+        t = time_interleaved(fns, repeats=repeats, warmup=1)
+    tokens_s = {k: batch * new_tokens / v for k, v in t.items()}
+    n_params = sum(p.numel() for p in base.parameters())
+    return {"meta": {**device_info(), "shape": shape, "params": n_params, "dtype": dtype,
+                     "config": SHAPES[shape], "batch": batch, "new_tokens": new_tokens,
+                     "prompt_len": prompt_len, "repeats": repeats, "threads": threads,
+                     "methods": list(methods), "budgets": list(budgets),
+                     "setup_s": setup_s, "wall_s": time.perf_counter() - t0},
+            "greedy_equal_at_budget_1": same,
+            "recompiles_while_timing": dyncompile.compile_count() - compiles,
+            "tokens_per_s": tokens_s,
+            "speedup": {k: v / tokens_s["dense"] for k, v in tokens_s.items()},
+            "spent_fraction": spent,
+            "resident_vs_dense": {k: v / dense_bytes for k, v in resident.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="0.5b", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--methods", default="gated,expert")
+    ap.add_argument("--budgets", default="1.0,0.75,0.5,0.3")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None,
+                    help="default: benchmarks/results/decode_width_<shape>_<dtype>_b<batch>.json")
+    a = ap.parse_args()
+    res = run(a.shape, a.dtype, tuple(a.methods.split(",")),
+              tuple(float(b) for b in a.budgets.split(",")), a.new_tokens, a.repeats,
+              a.batch, a.prompt_len, a.threads)
+    path = Path(a.json or f"benchmarks/results/decode_width_{a.shape}_{a.dtype}_b{a.batch}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "meta"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
