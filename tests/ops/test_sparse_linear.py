@@ -61,6 +61,23 @@ def test_half_precision_weights_sum_in_fp32(dtype, tokens, shape, bias):
         assert pairs == int((x.float().abs() >= 1.5).sum())
 
 
+@pytest.mark.parametrize("tokens", [1, 5, 30])
+def test_per_channel_scale_ranks_by_magnitude_times_scale(tokens):
+    """A channel is active where |x| * scale >= thr (WINA's criterion with the weight
+    column norms as scale): kernel, torch path and reference agree."""
+    x, wt, b = _case(tokens, 131, 77, seed=3)
+    scale = torch.rand(131) * 2
+    for thr in (0.0, 0.4, 1.0):
+        ref = sparse_linear_reference(x, wt, b, thr, scale)
+        y, skipped, pairs = run_cpu(x, wt, b, thr, scale)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        assert pairs == (x.numel() if thr == 0 else int((x.abs() * scale >= thr).sum()))
+    if tokens <= 16:
+        assert skipped > 0
+    with_scale = sparse_linear_reference(x, wt, b, 1.0, scale)
+    assert not torch.allclose(with_scale, sparse_linear_reference(x, wt, b, 1.0))
+
+
 def test_threshold_zero_is_the_dense_linear():
     x, wt, b = _case(5, 40, 24)
     torch.testing.assert_close(op(x, wt, b, torch.tensor(0.0)), F.linear(x, wt.t(), b))
@@ -127,9 +144,10 @@ for tokens, n_in, n_out, thr in cases:
     x = torch.randn(tokens, n_in, generator=g)
     wt = torch.randn(n_in, n_out, generator=g)
     b = torch.randn(n_out, generator=g)
-    y = sparse_linear_triton(x, wt, b, thr, block_k=32, block_n=32)
-    ref = sparse_linear_reference(x, wt, b, thr)
-    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (tokens, (y - ref).abs().max())
+    for scale in (None, torch.rand(n_in, generator=g) * 2):
+        y = sparse_linear_triton(x, wt, b, thr, block_k=32, block_n=32, scale=scale)
+        ref = sparse_linear_reference(x, wt, b, thr, scale)
+        assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (tokens, (y - ref).abs().max())
 print("ok")
 """
 

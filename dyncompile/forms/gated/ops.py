@@ -20,8 +20,8 @@ from ...core.budget import get_state
 from ...ops.cats_glu.cpu import cats_glu_cpu
 from ...ops.cats_glu.reference import cats_glu_reference
 from ...ops.sparse_linear import kernels as _sparse
-from ...ops.sparse_linear.reference import sparse_linear_reference
-from .thresholds import lookup, peek
+from ...ops.sparse_linear.reference import score, sparse_linear_reference
+from .thresholds import lookup, peek, scale_of
 
 # ---------------------------------------------------------------------- gated_linear
 
@@ -29,7 +29,8 @@ from .thresholds import lookup, peek
 def gated_linear_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
                            state_id: int, site: str) -> torch.Tensor:
     """``sparse_linear(x, weight_t, bias, threshold of site for the budget in force)``."""
-    return sparse_linear_reference(x, weight_t, bias, lookup(state_id, site, x))
+    thr = lookup(state_id, site, x)
+    return sparse_linear_reference(x, weight_t, bias, thr, scale_of(state_id, site))
 
 
 @torch.library.custom_op("dyncompile::gated_linear", mutates_args=())
@@ -46,7 +47,8 @@ def _(x, weight_t, bias, state_id, site):
 
 @gated_linear.register_kernel("cpu")
 def _gated_cpu(x, weight_t, bias, state_id, site):
-    y, saving, pairs = _sparse.run_cpu(x, weight_t, bias, lookup(state_id, site, x))
+    thr = lookup(state_id, site, x)
+    y, saving, pairs = _sparse.run_cpu(x, weight_t, bias, thr, scale_of(state_id, site))
     _stats.record_op(saving, ("active_channels", pairs, x.numel()))
     return y
 
@@ -54,7 +56,8 @@ def _gated_cpu(x, weight_t, bias, state_id, site):
 @gated_linear.register_kernel("cuda")
 def _gated_cuda(x, weight_t, bias, state_id, site):  # pragma: no cover - needs a GPU
     thr = lookup(state_id, site, x)
-    y, saving, pairs = _sparse.run_cuda(x, weight_t, bias, thr, count=thr > 0)
+    y, saving, pairs = _sparse.run_cuda(x, weight_t, bias, thr, count=thr > 0,
+                                        scale=scale_of(state_id, site))
     if thr > 0:
         _stats.record_op(saving, ("active_channels", pairs, x.numel()))
     return y
@@ -64,12 +67,13 @@ def _gated_setup_context(ctx, inputs, output):
     x, weight_t, bias, state_id, site = inputs
     ctx.save_for_backward(x, weight_t)
     ctx.threshold = peek(state_id, site)
+    ctx.scale = scale_of(state_id, site)
     ctx.has_bias = bias is not None
 
 
 def _gated_backward(ctx, grad):
     x, weight_t = ctx.saved_tensors
-    mask = x.abs() >= ctx.threshold
+    mask = score(x, ctx.scale) >= ctx.threshold
     g2 = grad.reshape(-1, grad.shape[-1])
     grad_x = (grad @ weight_t.t()) * mask
     grad_w = (x * mask).reshape(-1, x.shape[-1]).t() @ g2

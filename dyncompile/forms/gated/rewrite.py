@@ -58,19 +58,27 @@ class GatedOptions:
         where calibration estimates the least output error per FLOP saved).
     layout: "input_major" (weights switched once, in place, to input-major memory
         order) or "as_is".
+    criterion: which input channels a linear drops: "magnitude" (smallest |x_i|, as
+        TEAL) or "wina" (smallest |x_i| * ||W[:, i]||, the norm of the weight column the
+        channel feeds, as WINA). Applies to ``gated_linear`` sites; ``cats_glu``
+        thresholds the gate activation.
     """
 
     glu: str = choice("teal", "cats")
     allocation: str = choice("uniform", "greedy")
     layout: str = choice("input_major", "as_is")
+    criterion: str = choice("magnitude", "wina")
 
 
 class GatedRuntime:
     """Calibration samples, per-site threshold tables and the budget allocation."""
 
-    def __init__(self, allocation: str = "uniform") -> None:
+    def __init__(self, allocation: str = "uniform", criterion: str = "magnitude") -> None:
         self.allocation = allocation
+        self.criterion = criterion
         self.costs: dict[str, SiteCost] = {}
+        # site -> per-channel factor of |x| in the criterion (``wina``: weight column norms)
+        self.scales: dict[str, torch.Tensor] = {}
         self.channel_weight: dict[str, torch.Tensor] = {}
         self.samples: dict[str, MagnitudeSample] = {}
         self.rows: dict[str, RowSample] = {}
@@ -92,6 +100,10 @@ class GatedRuntime:
 
     def observe(self, site: str, gate: torch.Tensor, value: torch.Tensor | None = None) -> None:
         seed = sum(map(ord, site)) % (1 << 31)
+        scale = self.scales.get(site)
+        if scale is not None:  # the criterion's score, |x| * scale; the value stays x
+            value = gate if value is None else value
+            gate = gate.detach().float().abs() * scale.to(gate.device)
         self.samples.setdefault(site, MagnitudeSample(seed=seed)).add(gate)
         if self.allocation == "greedy":
             self.rows.setdefault(site, RowSample(seed=seed)).add(
@@ -150,17 +162,22 @@ class GatedRuntime:
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"{s}/table": t for s, t in self.tables.items()}
         tensors.update({f"{s}/errors": e for s, e in self.errors.items()})
-        meta = {"allocation": self.allocation,
+        tensors.update({f"{s}/scale": t for s, t in self.scales.items()})
+        meta = {"allocation": self.allocation, "criterion": self.criterion,
                 "costs": {s: [c.cost, c.fixed] for s, c in self.costs.items()}}
         return tensors, meta
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 model: torch.nn.Module) -> None:
         self.allocation = meta["allocation"]
+        self.criterion = meta.get("criterion", "magnitude")
         self.costs = {s: SiteCost(*c) for s, c in meta["costs"].items()}
         for key, t in tensors.items():
             site, kind = key.rsplit("/", 1)
-            (self.tables if kind == "table" else self.errors)[site] = t.double()
+            if kind == "scale":
+                self.scales[site] = t.float()
+            else:
+                (self.tables if kind == "table" else self.errors)[site] = t.double()
         if self.allocation == "greedy":
             self.path = GreedyPath({s: self.costs.get(s, SiteCost()) for s in self.errors},
                                    self.errors, ERROR_LEVELS)
@@ -206,7 +223,8 @@ class GatedForm(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> list[str]:
         assert ctx.blocks is not None and ctx.state is not None
         opts: GatedOptions = ctx.config.options_for(self.name)
-        runtime = ctx.state.form(self.name, lambda: GatedRuntime(opts.allocation))
+        runtime = ctx.state.form(self.name,
+                                 lambda: GatedRuntime(opts.allocation, opts.criterion))
         cats = []
         if opts.glu == "cats":
             cats = [m for m in map(_match_cats, ctx.blocks.ffn) if m is not None
@@ -252,8 +270,12 @@ class GatedForm(Pass):
         copy_meta(replace, y)
         y.meta[LINEAR_FLOPS] = float(2 * site.in_features * site.out_features)
         replace.replace_all_uses_with(y)
+        norms = self._input_norms(site)
         runtime.register(name, float(site.in_features * site.out_features),
-                         channel_weight=self._input_norms(site))
+                         channel_weight=norms)
+        if runtime.criterion == "wina" and norms is not None:
+            p = self._weights.param(site.weight)
+            runtime.scales[name] = norms.sqrt().to(p.device if p is not None else "cpu")
 
     # -- GLU FFN -> cats_glu ---------------------------------------------------------------
     def _rewrite_cats(self, gm: fx.GraphModule, m: _CatsMatch, state_id: int,

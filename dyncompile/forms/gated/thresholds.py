@@ -26,6 +26,11 @@ def lookup(state_id: int, site: str, gate: torch.Tensor,
     return runtime.threshold(site, state.knob(FORM))
 
 
+def scale_of(state_id: int, site: str) -> torch.Tensor | None:
+    """The per-channel factor of ``|x|`` in ``site``'s criterion (None: plain ``|x|``)."""
+    return get_state(state_id).forms[FORM].scales.get(site)
+
+
 def peek(state_id: int, site: str) -> float:
     """The threshold in force, without recording anything (for backward)."""
     state = get_state(state_id)

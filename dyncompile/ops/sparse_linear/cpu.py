@@ -19,7 +19,7 @@ import torch
 
 from ..cpp_extension import InlineExtension
 
-_EXT = InlineExtension("dyncompile_sparse_linear_v7",
+_EXT = InlineExtension("dyncompile_sparse_linear_v8",
                        Path(__file__).with_name("sparse_linear.cpp"), ["sparse_linear_fwd"],
                        ("-O3", "-march=native"))
 
@@ -31,21 +31,24 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
                       threshold: float, max_tokens: int, max_active: float,
-                      rows_always: int = 0) -> tuple[torch.Tensor, int, int, bool]:
+                      rows_always: int = 0, scale: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, int, int, bool]:
     """(y, union of active channels, active (token, channel) pairs, rows skipped?).
 
     Skips rows when there are at most ``max_tokens`` tokens and the union of
     active channels is at most ``max_active`` of the width (or there are at
     most ``rows_always`` tokens, where walking the rows beats a GEMM even when
-    all are active); otherwise runs one dense GEMM on the masked input.
+    all are active); otherwise runs one dense GEMM on the masked input. With ``scale``
+    (fp32, one per input channel) a channel is active where ``|x| * scale >= threshold``.
     """
     mod = _EXT.load() if x2d.dtype in KERNEL_DTYPES and weight_t.dtype in KERNEL_DTYPES else None
     if mod is not None:
         y, k, pairs, sparse = mod.sparse_linear_fwd(
-            x2d, weight_t, bias if bias is not None else torch.empty(0), threshold,
-            max_tokens, max_active, rows_always)
+            x2d, weight_t, bias if bias is not None else torch.empty(0),
+            scale if scale is not None else torch.empty(0), threshold, max_tokens, max_active,
+            rows_always)
         return y, int(k), int(pairs), bool(sparse)
-    mask = x2d.abs() >= threshold
+    mask = (x2d.abs() * scale if scale is not None else x2d.abs()) >= threshold
     on = mask.any(0)
     k, pairs = int(on.sum()), int(mask.sum())
     kept = (x2d * mask).to(weight_t.dtype)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu import KERNEL_DTYPES, sparse_linear_cpu
+from .reference import score
 
 # Row skipping beats a dense GEMM only in the decode regime: few tokens, and
 # a union of active channels well below the full width.
@@ -25,27 +26,28 @@ SPARSE_ALWAYS_TOKENS = 8
 
 
 def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-            thr: float) -> tuple[torch.Tensor, float, float]:
-    """The CPU kernel with a Python float threshold: ``(y, FLOPs skipped, kept
-    (token, channel) pairs)``."""
+            thr: float, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
+    """The CPU kernel with a Python float threshold on ``|x| * scale``: ``(y, FLOPs
+    skipped, kept (token, channel) pairs)``."""
     n_in, n_out = weight_t.shape
     x2 = x.reshape(-1, n_in)
     n = x2.shape[0]
     dense = 2.0 * n * n_in * n_out
     if thr <= 0 or n == 0 or x.dtype not in KERNEL_DTYPES:
-        kept = x2 * (x2.abs() >= thr) if thr > 0 else x2
-        y = F.linear(kept, weight_t.t(), bias)
-        pairs = n * n_in if thr <= 0 else float((x2.abs() >= thr).sum())
+        mask = score(x2, scale) >= thr if thr > 0 else None
+        y = F.linear(x2 * mask if mask is not None else x2, weight_t.t(), bias)
+        pairs = n * n_in if mask is None else float(mask.sum())
         spent = dense
     else:
         y, k, pairs, skipped = sparse_linear_cpu(x2, weight_t, bias, thr, SPARSE_MAX_TOKENS,
-                                                 SPARSE_MAX_ACTIVE, SPARSE_ALWAYS_TOKENS)
+                                                 SPARSE_MAX_ACTIVE, SPARSE_ALWAYS_TOKENS,
+                                                 scale)
         spent = 2.0 * n * k * n_out if skipped else dense
     return y.to(x.dtype).reshape(*x.shape[:-1], n_out), dense - spent, float(pairs)
 
 
 def run_cuda(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-             thr: float, count: bool = True
+             thr: float, count: bool = True, scale: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, float, float]:  # pragma: no cover - needs a GPU
     """The Triton kernel with a Python float threshold: ``(y, FLOPs skipped, kept pairs)``
     (with ``count``; reading the count back syncs once per call)."""
@@ -55,6 +57,7 @@ def run_cuda(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
     n = x.numel() // n_in
     kept = float(n * n_in)
     if thr > 0 and count:
-        kept = float((x.abs() >= thr).sum())
-    return (sparse_linear_triton(x, weight_t, bias, thr), 2.0 * n * n_out * (n_in - kept),
+        kept = float((score(x, scale) >= thr).sum())
+    return (sparse_linear_triton(x, weight_t, bias, thr, scale=scale),
+            2.0 * n * n_out * (n_in - kept),
             kept)

@@ -1,6 +1,10 @@
 """Plain-torch semantics of sparse_linear: the oracle every kernel is tested against.
 
-    y = (x * (|x| >= threshold)) @ weight_t + bias
+    y = (x * (|x| * scale >= threshold)) @ weight_t + bias
+
+``scale`` (one per input channel, default all ones) ranks channels by more than their
+magnitude: the norm of the weight row a channel feeds makes it |x_i| * ||W[:, i]||
+(WINA's criterion).
 
 ``weight_t`` is the weight in input-major layout ([in, out], the transpose of
 nn.Linear's [out, in]), so an active input channel is one contiguous row.
@@ -13,13 +17,19 @@ import torch
 
 
 def sparse_linear_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                            threshold: torch.Tensor | float) -> torch.Tensor:
+                            threshold: torch.Tensor | float,
+                            scale: torch.Tensor | None = None) -> torch.Tensor:
     thr = float(threshold)
-    kept = x * (x.abs() >= thr) if thr > 0 else x
+    kept = x * (score(x, scale) >= thr) if thr > 0 else x
     y = kept.to(torch.float32) @ weight_t.to(torch.float32)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
+
+
+def score(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """What the threshold is compared with: ``|x|``, times ``scale`` per channel if given."""
+    return x.abs() if scale is None else x.abs() * scale
 
 
 def active_rows(x: torch.Tensor, threshold: float) -> torch.Tensor:

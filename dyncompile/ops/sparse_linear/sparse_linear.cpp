@@ -62,12 +62,13 @@ static void accumulate_rows(const W* wp, const std::vector<int64_t>& idx,
   });
 }
 
-// y[n, out] = (x * (|x| >= thr)) @ wt + bias, wt input-major [in, out] in fp32, bf16 or
-// fp16; x in any of those; the sum in fp32, y in x's dtype.
+// y[n, out] = (x * (|x| * scale >= thr)) @ wt + bias, wt input-major [in, out] in fp32,
+// bf16 or fp16; x in any of those; scale fp32 [in] or empty (all ones); the sum in fp32,
+// y in x's dtype.
 // Returns (y, union of active channels, active (token, channel) pairs, sparse path taken).
 std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
-    torch::Tensor x, torch::Tensor wt, torch::Tensor bias, double threshold,
-    int64_t max_tokens, double max_active, int64_t rows_always) {
+    torch::Tensor x, torch::Tensor wt, torch::Tensor bias, torch::Tensor scale,
+    double threshold, int64_t max_tokens, double max_active, int64_t rows_always) {
   TORCH_CHECK(x.dim() == 2 && wt.dim() == 2 && x.size(1) == wt.size(0));
   const auto wtype = wt.scalar_type();
   TORCH_CHECK(wtype == at::kFloat || wtype == at::kBFloat16 || wtype == at::kHalf,
@@ -78,6 +79,9 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
   const bool has_bias = bias.defined() && bias.numel() == out;
   const float thr = static_cast<float>(threshold);
   const float* xp = xf.data_ptr<float>();
+  const bool scaled = scale.defined() && scale.numel() == in;
+  auto sf = scaled ? scale.to(at::kFloat).contiguous() : torch::Tensor();
+  const float* sp = scaled ? sf.data_ptr<float>() : nullptr;
   // One serial pass: the masked input, the union of active channels, the pair count.
   auto kept_t = torch::empty({n, in}, xf.options());
   float* kp = kept_t.data_ptr<float>();
@@ -87,7 +91,7 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
     const float* row = xp + t * in;
     float* krow = kp + t * in;
     for (int64_t i = 0; i < in; ++i) {
-      const bool a = std::fabs(row[i]) >= thr;
+      const bool a = std::fabs(row[i]) * (sp ? sp[i] : 1.0f) >= thr;
       krow[i] = a ? row[i] : 0.0f;
       pairs += a;
       on[i] |= a;

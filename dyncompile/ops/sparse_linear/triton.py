@@ -17,16 +17,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _sparse_gemv_kernel(x_ptr, w_ptr, y_ptr, threshold, n_in, n_out,
+def _sparse_gemv_kernel(x_ptr, w_ptr, y_ptr, s_ptr, threshold, n_in, n_out,
                         stride_xt, stride_wk, stride_yt,
-                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     t = tl.program_id(2)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     in_k = offs_k < n_in
     x = tl.load(x_ptr + t * stride_xt + offs_k, mask=in_k, other=0.0).to(tl.float32)
-    active = (tl.abs(x) >= threshold) & in_k
+    mag = tl.abs(x)
+    if HAS_SCALE:
+        mag = mag * tl.load(s_ptr + offs_k, mask=in_k, other=0.0)
+    active = (mag >= threshold) & in_k
     if tl.sum(active.to(tl.int32), axis=0) == 0:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -39,18 +42,21 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, y_ptr, threshold, n_in, n_out,
 
 
 def sparse_linear_triton(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                         threshold: float, block_k: int = 64,
-                         block_n: int = 128) -> torch.Tensor:
-    """Launch the kernel; x is [..., in], weight_t [in, out]; returns [..., out] in x's dtype."""
+                         threshold: float, block_k: int = 64, block_n: int = 128,
+                         scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the kernel; x is [..., in], weight_t [in, out], scale fp32 [in] or None;
+    returns [..., out] in x's dtype."""
     n_in, n_out = weight_t.shape
     x2 = x.reshape(-1, n_in).contiguous()
     w = weight_t.contiguous()
     y = torch.zeros(x2.shape[0], n_out, device=x.device, dtype=torch.float32)
     if x2.shape[0]:
         grid = (triton.cdiv(n_out, block_n), triton.cdiv(n_in, block_k), x2.shape[0])
-        _sparse_gemv_kernel[grid](x2, w, y, float(threshold), n_in, n_out,
+        s = scale.float().contiguous() if scale is not None else y
+        _sparse_gemv_kernel[grid](x2, w, y, s, float(threshold), n_in, n_out,
                                   x2.stride(0), w.stride(0), y.stride(0),
-                                  BLOCK_K=block_k, BLOCK_N=block_n)
+                                  BLOCK_K=block_k, BLOCK_N=block_n,
+                                  HAS_SCALE=scale is not None)
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n_out)

@@ -176,3 +176,23 @@ def test_unknown_gated_option_is_a_clear_error():
         dyncompile.optimize(entry.build(), methods=["gated"], compiler="eager",
                             form_options={"gated": {"allocation": "best"}},
                             calibration=[entry.inputs(2, 4)])
+
+
+def test_wina_criterion_ranks_channels_by_weight_norm_too():
+    """criterion="wina": budget 1.0 dense; sparsity tracks the budget; the channels kept
+    are the largest |x_i| * ||W[:, i]||, not the largest |x_i|."""
+    entry, model, opt = _optimized("llama", form_options={"gated": {"criterion": "wina"}})
+    inputs = entry.inputs(2, 8)
+    assert assert_matches_dense(model, opt, inputs, atol=1e-5) < 1e-5
+    runtime = opt.state.forms["gated"]
+    assert runtime.criterion == "wina" and set(runtime.scales) == set(runtime.tables)
+    site = next(s for s in runtime.scales if "q_proj" in s)
+    weight = dict(model.named_parameters())[site]
+    torch.testing.assert_close(runtime.scales[site], weight.detach().norm(dim=0))
+    for b in (0.75, 0.5, 0.25):
+        with torch.no_grad(), dyncompile.budget(b):
+            opt(**inputs)
+        assert opt.stats.ratio("active_channels") == pytest.approx(b, abs=0.12), b
+    # the thresholds are quantiles of the criterion's score, not of |x|
+    plain = _optimized("llama")[2].state.forms["gated"]
+    assert not torch.allclose(runtime.tables[site], plain.tables[site])
