@@ -8,7 +8,8 @@ calibration=..., plan=False)`` (calibrated on random token batches; the budget i
 the form's own knob: ``gated`` keeps that share of its linears' work) at every budget. All go
 through Hugging Face ``generate()`` (greedy, KV cache) at batch 1 (or ``--batch``),
 interleaved, median of repeats, a fixed number of threads. Reported: tokens/s, the
-ratio to dense, the fraction of the model's dense FLOPs spent, the bytes each model
+ratio to dense, the fraction of the model's dense FLOPs spent (the whole ``generate()``,
+and its decode steps alone), the bytes each model
 keeps resident (parameters and buffers, shared storage counted once) and whether
 greedy tokens at budget 1.0 equal dense.
 
@@ -73,10 +74,23 @@ def run(shape: str = "0.5b", dtype: str = "fp32", methods: tuple[str, ...] = ("g
     def gen_opt(method: str, b: float) -> torch.Tensor:
         with dyncompile.budget(b):
             out = models[method].generate(ids, **kw)
-        spent[f"{method}@{b}"] = models[method].stats.fraction
+        if kw["max_new_tokens"] == new_tokens:  # not a prefill-only call
+            spent[f"{method}@{b}"] = models[method].stats.fraction
         return out
 
-    fns = {"dense": gen_dense}
+    one = {**kw, "max_new_tokens": 1, "min_new_tokens": 1}
+
+    def prefill(fn: Any, **kwargs: Any) -> Any:
+        """``fn`` generating one token only: the prompt's share of a generate() call."""
+        saved = dict(kw)
+        kw.update(one)
+        try:
+            return fn(**kwargs)
+        finally:
+            kw.clear()
+            kw.update(saved)
+
+    fns = {"dense": gen_dense, "dense/prefill": lambda: prefill(gen_dense)}
     same: dict[str, bool] = {}
     with torch.no_grad():
         ref = gen_dense()
@@ -84,9 +98,28 @@ def run(shape: str = "0.5b", dtype: str = "fp32", methods: tuple[str, ...] = ("g
             same[method] = torch.equal(ref, gen_opt(method, 1.0))
             for b in budgets:
                 fns[f"{method}@{b}"] = lambda m=method, b=b: gen_opt(m, b)
+                fns[f"{method}@{b}/prefill"] = lambda m=method, b=b: prefill(gen_opt, method=m,
+                                                                             b=b)
         compiles = dyncompile.compile_count()
         t = time_interleaved(fns, repeats=repeats, warmup=1)
-    tokens_s = {k: batch * new_tokens / v for k, v in t.items()}
+        # The decode steps alone: the whole generate() less a prefill-only one (the prompt
+        # runs dense where it is longer than the sparse kernels' token limit).
+        decode: dict[str, float] = {}
+        for method in methods:
+            opt = models[method]
+            for b in budgets:
+                with dyncompile.budget(b):
+                    opt.generate(ids, **kw)
+                    full = opt.stats
+                    opt.generate(ids, **one)
+                    pre = opt.stats
+                dense_steps = full.dense_flops - pre.dense_flops
+                decode[f"{method}@{b}"] = (full.spent_flops - pre.spent_flops) / dense_steps
+    names = [k for k in t if not k.endswith("/prefill")]
+    tokens_s = {k: batch * new_tokens / t[k] for k in names}
+    # Decode steps alone: the new tokens after the first over the time past the prefill.
+    decode_s = {k: batch * (new_tokens - 1) / max(t[k] - t[f"{k}/prefill"], 1e-9)
+                for k in names}
     n_params = sum(p.numel() for p in base.parameters())
     return {"meta": {**device_info(), "shape": shape, "params": n_params, "dtype": dtype,
                      "config": SHAPES[shape], "batch": batch, "new_tokens": new_tokens,
@@ -97,7 +130,11 @@ def run(shape: str = "0.5b", dtype: str = "fp32", methods: tuple[str, ...] = ("g
             "recompiles_while_timing": dyncompile.compile_count() - compiles,
             "tokens_per_s": tokens_s,
             "speedup": {k: v / tokens_s["dense"] for k, v in tokens_s.items()},
+            "decode_tokens_per_s": decode_s,
+            "decode_speedup": {k: v / decode_s["dense"] for k, v in decode_s.items()},
+            "prefill_s": {k: t[f"{k}/prefill"] for k in names},
             "spent_fraction": spent,
+            "spent_fraction_decode_steps": decode,
             "resident_vs_dense": {k: v / dense_bytes for k, v in resident.items()}}
 
 

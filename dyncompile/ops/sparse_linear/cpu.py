@@ -25,6 +25,8 @@ _EXT = InlineExtension("dyncompile_sparse_linear_v8",
 
 
 
+_NONE = torch.empty(0)  # an absent bias or scale, as the C++ signature takes it
+
 # Weight and input dtypes the C++ kernel takes (the sum is always fp32).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -44,8 +46,8 @@ def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Ten
     mod = _EXT.load() if x2d.dtype in KERNEL_DTYPES and weight_t.dtype in KERNEL_DTYPES else None
     if mod is not None:
         y, k, pairs, sparse = mod.sparse_linear_fwd(
-            x2d, weight_t, bias if bias is not None else torch.empty(0),
-            scale if scale is not None else torch.empty(0), threshold, max_tokens, max_active,
+            x2d, weight_t, bias if bias is not None else _NONE,
+            scale if scale is not None else _NONE, threshold, max_tokens, max_active,
             rows_always)
         return y, int(k), int(pairs), bool(sparse)
     mask = (x2d.abs() * scale if scale is not None else x2d.abs()) >= threshold
