@@ -16,6 +16,7 @@ greedy tokens at budget 1.0 equal dense.
     python benchmarks/decode_width.py [--shape 0.5b|1b|tiny] [--dtype fp32|bf16]
         [--methods gated,expert] [--budgets 1.0,0.75,0.5,0.3] [--new-tokens 16]
         [--repeats 3] [--batch 1] [--threads 2] [--json PATH]
+    python benchmarks/decode_width.py --markdown BENCHMARKS.md   # the table, from results/
 """
 
 from __future__ import annotations
@@ -138,6 +139,33 @@ def run(shape: str = "0.5b", dtype: str = "fp32", methods: tuple[str, ...] = ("g
             "resident_vs_dense": {k: v / dense_bytes for k, v in resident.items()}}
 
 
+SECTION = "decode-width"
+COMMAND = "python benchmarks/decode_width.py --markdown BENCHMARKS.md"
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    """One table row per (shape, dtype, batch, model), from saved result files."""
+    lines = ["| shape | dtype | batch | model | decode tok/s | decode vs dense | "
+             "generate() vs dense | spent (decode steps) | resident vs dense | "
+             "greedy = dense at 1.0 | CPU, ISA, threads, date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["meta"]["params"], r["meta"]["dtype"],
+                                            r["meta"]["batch"])):
+        m = r["meta"]
+        where = f"{m['cpu_model']}, {m.get('isa', '?')}, {m['threads']}, {m['date'][:10]}"
+        for k, v in r["decode_tokens_per_s"].items():
+            method = k.split("@")[0]
+            same = "" if k == "dense" else ("yes" if r["greedy_equal_at_budget_1"][method]
+                                            else "**no**")
+            spent = r["spent_fraction_decode_steps"].get(k, 1.0)
+            res = r["resident_vs_dense"].get(method, 1.0)
+            lines.append(f"| {m['shape']} ({m['params'] / 1e9:.2f} B) | {m['dtype']} | "
+                         f"{m['batch']} | {k} | {v:.2f} | {r['decode_speedup'][k]:.2f}x | "
+                         f"{r['speedup'][k]:.2f}x | {spent:.3f} | {res:.3f} | {same} | "
+                         f"{where} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="0.5b", choices=sorted(SHAPES))
@@ -151,7 +179,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None,
                     help="default: benchmarks/results/decode_width_<shape>_<dtype>_b<batch>.json")
+    ap.add_argument("--markdown", default=None,
+                    help="only rewrite this page's table from the saved results")
     a = ap.parse_args()
+    if a.markdown:
+        from dyncompile.eval.report import update_markdown
+
+        files = sorted(Path("benchmarks/results").glob("decode_width_*.json"))
+        update_markdown(Path(a.markdown), render([json.loads(f.read_text()) for f in files]),
+                        section=SECTION, command=COMMAND,
+                        title="Decode at real widths (Llama shapes, CPU)")
+        return
     res = run(a.shape, a.dtype, tuple(a.methods.split(",")),
               tuple(float(b) for b in a.budgets.split(",")), a.new_tokens, a.repeats,
               a.batch, a.prompt_len, a.threads)

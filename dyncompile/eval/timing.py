@@ -44,6 +44,8 @@ def device_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "usable_cores": usable,
         "threads": torch.get_num_threads(),
+        "isa": torch.backends.cpu.get_cpu_capability(),  # the vector instruction set in use
+        "machine": platform.machine(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "transformers": tf,
