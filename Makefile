@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/dyncompile optimize --budget 0.5
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: setup
 	$(VENV)/bin/ruff check dyncompile tests examples benchmarks
