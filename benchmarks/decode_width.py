@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 import dyncompile
-from dyncompile.eval.llama_shapes import DTYPES, SHAPES, build, random_prompts, resident_bytes
 from dyncompile.eval.sweep import parse_method
 from dyncompile.eval.timing import device_info, time_interleaved
+from dyncompile.testing.llama_shapes import DTYPES, SHAPES, build, random_prompts, resident_bytes
 
 
 def run(shape: str = "0.5b", dtype: str = "fp32", methods: tuple[str, ...] = ("gated",),

@@ -1,5 +1,5 @@
 """Decoding through Hugging Face ``generate()`` on the Llama shape of the width benchmark
-(``dyncompile.eval.llama_shapes``, its small-layer-count version): greedy tokens at budget
+(``dyncompile.testing.llama_shapes``, its small-layer-count version): greedy tokens at budget
 1.0 equal dense, the rewrite covers every projection, compute falls at 0.5, in fp32 and
 in half precision."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dyncompile
-from dyncompile.eval.llama_shapes import SHAPES, build, random_prompts, resident_bytes
+from dyncompile.testing.llama_shapes import SHAPES, build, random_prompts, resident_bytes
 
 
 def _generate(model, ids, new=6):
