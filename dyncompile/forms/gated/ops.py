@@ -22,7 +22,7 @@ from ...ops.cats_glu.cpu import cats_glu_cpu
 from ...ops.cats_glu.reference import cats_glu_reference
 from ...ops.sparse_linear import kernels as _sparse
 from ...ops.sparse_linear.reference import score, sparse_linear_reference
-from .thresholds import FORM, lookup, peek, scale_of
+from .thresholds import lookup, peek, scale_of
 
 # ---------------------------------------------------------------------- gated_linear
 
@@ -49,17 +49,11 @@ def _(x, weight_t, bias, state_id, site):
 
 
 def _gated_cpu(x, weight_t, bias, state_id, site):
-    state = get_state(state_id)
-    runtime = state.forms[FORM]
-    if state.calibrating:
-        runtime.observe(site, x)
-        thr = 0.0
-    else:
-        thr = runtime.threshold(site, state.knob(FORM))
+    thr = lookup(state_id, site, x)
     if thr <= 0:  # dense: nothing skipped, every channel active
         _stats.record_op(0.0, ("active_channels", x.numel(), x.numel()))
         return F.linear(x, weight_t.t(), bias)
-    y, saving, pairs = _sparse.run_cpu(x, weight_t, bias, thr, runtime.scales.get(site))
+    y, saving, pairs = _sparse.run_cpu(x, weight_t, bias, thr, scale_of(state_id, site))
     _stats.record_op(saving, ("active_channels", pairs, x.numel()))
     return y
 
