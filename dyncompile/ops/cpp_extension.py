@@ -10,9 +10,11 @@ writes ``#include "common.h"`` and the header's text is spliced in its place.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import platform
 import re
 import threading
 import time
@@ -88,10 +90,47 @@ class InlineExtension:
         return "".join(f"#define {k} {v}\n" for k, v in self.defines.items()) + text
 
     def build_name(self, source: str) -> str:
-        """``name`` plus a hash of the source and flags: each version of a kernel builds in
-        a folder of its own, so checkouts of different versions never rebuild each other's."""
-        key = "\0".join([source, *self.cflags]).encode()
+        """``name`` plus a hash of the source and flags (and, for ``-march=native``, of the
+        machine's instruction sets): each version of a kernel builds in a folder of its
+        own, so checkouts of different versions never rebuild each other's, and a build
+        cache shared between machines never hands one CPU another's binary."""
+        parts = [source, *self.cflags]
+        if any("native" in f for f in self.cflags):
+            parts.append(host_key())
+        key = "\0".join(parts).encode()
         return f"{self.name}_{hashlib.sha256(key).hexdigest()[:10]}"
+
+    def variant(self, suffix: str, cflags: tuple[str, ...]) -> InlineExtension:
+        """The same kernel built with other flags under its own name (tests build the
+        portable variant beside the native one)."""
+        return InlineExtension(f"{self.name}_{suffix}", self.path, self.functions, cflags,
+                               self.defines)
+
+
+@functools.cache
+def host_key() -> str:
+    """What ``-march=native`` compiles for: the architecture and the CPU's feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}"
+
+
+def portable_cflags() -> tuple[str, ...] | None:
+    """Flags for the narrowest vector build worth testing on this machine: AVX2 on
+    x86-64 (``x86-64-v3``), plain ARMv8 NEON on aarch64; None elsewhere."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return ("-O3", "-march=x86-64-v3", "-fopenmp")
+    if machine in ("aarch64", "arm64"):
+        return ("-O3", "-march=armv8-a", "-fopenmp")
+    return None
 
 
 def clear_stale_lock(name: str, max_age_s: float = STALE_LOCK_S) -> bool:

@@ -18,6 +18,7 @@ from dyncompile.ops.expert_ffn.reference import (
     expert_ffn_reference,
     expert_widths,
 )
+from tests.ops.conftest import BUILDS
 
 op = torch.ops.dyncompile.expert_ffn
 
@@ -157,17 +158,19 @@ def test_block_kernel_threads_and_fallback(threads, blas, monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("d_out", [64, 192])
+@pytest.mark.parametrize("d_out", [48, 64, 192])
 @pytest.mark.parametrize("tile", [5, 10 ** 6])  # split by token tiles or by experts
 @pytest.mark.parametrize("glu", [False, True])
-def test_block_kernel_adds_the_down_projection_into_the_output_rows(d_out, tile, glu,
-                                                                    monkeypatch):
-    """An output width that is a multiple of 64 takes the register-tiled down projection
-    (six rows at a time, then the rest one by one): equal to the reference and to the
-    sgemm path on token counts that leave every remainder of six."""
+@pytest.mark.parametrize("build", BUILDS)
+def test_block_kernel_adds_the_down_projection_into_the_output_rows(d_out, tile, glu, build,
+                                                                    monkeypatch, kernel_build):
+    """An output width that is a multiple of the tile (64 columns with AVX-512, 16 with
+    narrower vectors) takes the register-tiled down projection (six rows at a time, then
+    the rest one by one): equal to the reference and to the sgemm path on token counts
+    that leave every remainder of six, on the native and the portable build."""
     if not kernel_available():
         pytest.skip("no C++ compiler")
-    mod = cpu._EXT.load()
+    mod = kernel_build(cpu, build).load()
     monkeypatch.setattr(cpu, "GROUPED_TILE", tile)
     for tokens in (1, 6, 7, 11, 40, 65):
         args = _case(tokens, glu=glu, seed=tokens, hidden=70, d_out=d_out)
@@ -187,7 +190,9 @@ def test_block_kernel_adds_the_down_projection_into_the_output_rows(d_out, tile,
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 @pytest.mark.parametrize("tile", [5, 10 ** 6])  # split by token tiles or by experts
-def test_block_kernel_reads_packed_up_weights(glu, bias, activation, tile, monkeypatch):
+@pytest.mark.parametrize("build", BUILDS)
+def test_block_kernel_reads_packed_up_weights(glu, bias, activation, tile, build, monkeypatch,
+                                              kernel_build):
     """Hidden widths that are multiples of 16 take the up projection from the packed copy,
     token rows read in place: equal to the reference and to the gather + GEMM path, on
     token counts that leave every remainder of six and widths of 1-6 blocks of 16 (and,
@@ -195,6 +200,7 @@ def test_block_kernel_reads_packed_up_weights(glu, bias, activation, tile, monke
     if not kernel_available():
         pytest.skip("no C++ compiler")
     monkeypatch.setattr(cpu, "GROUPED_TILE", tile)
+    kernel_build(cpu, build)
     for tokens, hidden, experts in [(1, 160, 5), (7, 112, 7), (13, 192, 4), (40, 96, 4),
                                     (11, 256, 4), (65, 384, 4)]:
         args = _case(tokens, glu=glu, bias=bias, seed=tokens, hidden=hidden)

@@ -37,13 +37,18 @@ def _agree(fast, ref, scores, tau):
                                                    (6, 33, 2, 70)])
 @pytest.mark.parametrize("tau", [0.0, 0.3, 0.77, 1.0])
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("whole", [True, False], ids=["route_tokens", "matmul+route_select"])
+@pytest.mark.parametrize("route", ["route_tokens-native", "route_tokens-portable",
+                                   "matmul+route_select"])
 def test_fast_path_equals_torch_selection_on_odd_shapes(n, d, experts, hidden, tau, bf16,
-                                                        whole, monkeypatch):
-    if not whole:  # the route taken without the C++ first layer
+                                                        route, monkeypatch, kernel_build):
+    """Both builds (native and portable) run the whole router in one pass, in fp32 and
+    bf16 (native bf16 dot products where the build has them, else fp32 tiles on
+    bf16-rounded operands)."""
+    if route == "matmul+route_select":  # the route taken without the one-pass router
         monkeypatch.setattr(cpu, "_first_layer_kinds", lambda: (False, False))
-    elif not cpu._first_layer_kinds()[int(bf16)]:
-        pytest.skip("no C++ first layer for this precision in this build")
+    else:
+        kernel_build(cpu, route.split("-")[1])
+        assert cpu._first_layer_kinds() == (True, True)
     r = _router(d, experts, hidden)
     x = torch.randn(n, d) * 2
     with torch.no_grad():
@@ -144,6 +149,26 @@ def test_router_precision_option(state, precision, bf16):
     _agree(op(x, state.id, "s", 4), select(scores, tau), scores, tau)
 
 
+@needs_kernel
+def test_builds_name_their_vector_class():
+    """The native build uses the machine's widest vectors (as torch's own kernels); the
+    portable one (same source) the narrower class; both report which."""
+    import platform
+
+    from dyncompile.ops.cpp_extension import portable_cflags
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    want = {"AVX512": "avx512", "AVX2": "avx2"}.get(cap)
+    if want is None and platform.machine().lower() in ("aarch64", "arm64"):
+        want = "neon"
+    if want is not None:
+        assert cpu.kernel_isa() == want
+    if portable_cflags() is not None:
+        ext = cpu._EXT.variant("portable", portable_cflags())
+        assert ext.load().first_layer_kinds()[2] in ("avx2", "neon")
+        assert not ext.load().first_layer_kinds()[1]  # no native bf16 in the portable build
+
+
 def test_opcheck(state):
     state.value = 0.5
     torch.library.opcheck(op, (torch.randn(3, 7, 6), state.id, "s", 4))
@@ -154,8 +179,7 @@ def test_opcheck(state):
 
 
 def test_later_calls_take_the_lane_until_the_router_changes(state):
-    if not cpu._first_layer_kinds()[0]:
-        pytest.skip("no C++ router pass in this build")
+    assert cpu._first_layer_kinds()[0]
     rt = state.forms["expert"]
     rt.options["router_precision"] = "fp32"
     state.value = 0.4

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from ..cpp_extension import InlineExtension
 from .reference import ACTIVATIONS, expert_bounds, hidden_mask
 
-_EXT = InlineExtension("dyncompile_expert_ffn_v17", Path(__file__).with_name("expert_ffn.cpp"),
+_EXT = InlineExtension("dyncompile_expert_ffn_v18", Path(__file__).with_name("expert_ffn.cpp"),
                        ["expert_ffn_fwd", "expert_ffn_grouped", "expert_ffn_blocks", "mask_stats",
                         "use_blas"],
                        ("-O3", "-march=native", "-fopenmp"))

@@ -1,23 +1,14 @@
-// ATen's vectorised math at the widest width this compiler targets (as Inductor's
-// kernels do), defined before any ATen header so Vectorized<float> picks it up.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__AVX512DQ__) && !defined(CPU_CAPABILITY_AVX512)
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY_AVX2)
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "vec.h"
 #include <torch/extension.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstring>
 #include <cmath>
 #include <tuple>
 #include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include "common.h"
+
+using dynvec::Vec;
 
 // Activation codes follow reference.ACTIVATIONS.
 static inline float act(float v, int64_t kind) {
@@ -275,7 +266,6 @@ static inline void add_bias_rows(float* h, const float* b, int64_t rows, int64_t
 // w, in one vectorised pass right after the GEMM wrote them: the formula of torch's
 // vectorised GELU kernel, with ATen's Vectorized erf.
 static void bias_gelu_rows(float* h, const float* b, int64_t rows, int64_t w) {
-  using Vec = at::vec::Vectorized<float>;
   const Vec half(0.5f), one(1.0f), alpha(static_cast<float>(M_SQRT1_2));
   const int64_t n = Vec::size();
   for (int64_t i = 0; i < rows; ++i) {
@@ -312,133 +302,100 @@ static void act_buf(float* p, int64_t len, int64_t kind) {
 
 // acc[tok[i] - t0, :n] += h[i, :k] @ w[:k, :n] for i < m, straight into the output rows
 // (no buffer for the product, no second pass to add it): register tiles of six rows by
-// 64 columns, each weight row chunk loaded once for the six. Needs AVX-512 and n a
-// multiple of 64 (``down_into_rows_ok``); measured 19% faster than sgemm into a buffer
-// plus the adds, at 60-400 rows x 64 x 384 on one thread.
-static bool down_into_rows_ok(int64_t n) {
-#if defined(__AVX512F__)
-  return n % 64 == 0;
-#else
-  (void)n;
-  return false;
-#endif
+// kTileCols columns (64 with AVX-512, 16 elsewhere), each weight row chunk loaded once
+// for the six. Needs n a multiple of kTileCols (``down_into_rows_ok``); measured 19%
+// faster than sgemm into a buffer plus the adds, at 60-400 rows x 64 x 384 on one
+// thread (AVX-512).
+static bool down_into_rows_ok(int64_t n) { return n % dynvec::kTileCols == 0; }
+
+template <int R>
+static void down_tile(const float* h, int64_t k, const float* w, int64_t n, int64_t c,
+                      const int64_t* tok, int64_t t0, float* acc) {
+  constexpr int NV = dynvec::kTileCols / dynvec::kW;
+  Vec a[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) a[r][j] = Vec(0.0f);
+  for (int64_t q = 0; q < k; ++q) {
+    const float* wr = w + q * n + c;
+    Vec wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = Vec::loadu(wr + j * dynvec::kW);
+    for (int r = 0; r < R; ++r) {
+      const Vec b(h[r * k + q]);
+      for (int j = 0; j < NV; ++j) a[r][j] = at::vec::fmadd(b, wv[j], a[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* o = acc + (tok[r] - t0) * n + c;
+    for (int j = 0; j < NV; ++j)
+      (Vec::loadu(o + j * dynvec::kW) + a[r][j]).store(o + j * dynvec::kW);
+  }
 }
 
 static void down_into_rows(const float* h, int64_t m, int64_t k, const float* w, int64_t n,
                            const int64_t* tok, int64_t t0, float* acc) {
-#if defined(__AVX512F__)
   int64_t i = 0;
-  for (; i + 6 <= m; i += 6) {
-    for (int64_t c = 0; c < n; c += 64) {
-      __m512 a[6][4];
-      for (int r = 0; r < 6; ++r)
-        for (int j = 0; j < 4; ++j) a[r][j] = _mm512_setzero_ps();
-      for (int64_t q = 0; q < k; ++q) {
-        const float* wr = w + q * n + c;
-        const __m512 w0 = _mm512_loadu_ps(wr), w1 = _mm512_loadu_ps(wr + 16);
-        const __m512 w2 = _mm512_loadu_ps(wr + 32), w3 = _mm512_loadu_ps(wr + 48);
-        for (int r = 0; r < 6; ++r) {
-          const __m512 b = _mm512_set1_ps(h[(i + r) * k + q]);
-          a[r][0] = _mm512_fmadd_ps(b, w0, a[r][0]);
-          a[r][1] = _mm512_fmadd_ps(b, w1, a[r][1]);
-          a[r][2] = _mm512_fmadd_ps(b, w2, a[r][2]);
-          a[r][3] = _mm512_fmadd_ps(b, w3, a[r][3]);
-        }
-      }
-      for (int r = 0; r < 6; ++r) {
-        float* o = acc + (tok[i + r] - t0) * n + c;
-        for (int j = 0; j < 4; ++j)
-          _mm512_storeu_ps(o + 16 * j, _mm512_add_ps(_mm512_loadu_ps(o + 16 * j), a[r][j]));
-      }
-    }
-  }
-  for (; i < m; ++i) {  // the last rows, one at a time
-    float* o = acc + (tok[i] - t0) * n;
-    for (int64_t c = 0; c < n; c += 64) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t q = 0; q < k; ++q) {
-        const float* wr = w + q * n + c;
-        const __m512 b = _mm512_set1_ps(h[i * k + q]);
-        a0 = _mm512_fmadd_ps(b, _mm512_loadu_ps(wr), a0);
-        a1 = _mm512_fmadd_ps(b, _mm512_loadu_ps(wr + 16), a1);
-        a2 = _mm512_fmadd_ps(b, _mm512_loadu_ps(wr + 32), a2);
-        a3 = _mm512_fmadd_ps(b, _mm512_loadu_ps(wr + 48), a3);
-      }
-      _mm512_storeu_ps(o + c, _mm512_add_ps(_mm512_loadu_ps(o + c), a0));
-      _mm512_storeu_ps(o + c + 16, _mm512_add_ps(_mm512_loadu_ps(o + c + 16), a1));
-      _mm512_storeu_ps(o + c + 32, _mm512_add_ps(_mm512_loadu_ps(o + c + 32), a2));
-      _mm512_storeu_ps(o + c + 48, _mm512_add_ps(_mm512_loadu_ps(o + c + 48), a3));
-    }
-  }
-#else
-  (void)h; (void)m; (void)k; (void)w; (void)n; (void)tok; (void)t0; (void)acc;
-#endif
+  for (; i + 6 <= m; i += 6)
+    for (int64_t c = 0; c < n; c += dynvec::kTileCols)
+      down_tile<6>(h + i * k, k, w, n, c, tok + i, t0, acc);
+  for (; i < m; ++i)  // the last rows, one at a time
+    for (int64_t c = 0; c < n; c += dynvec::kTileCols)
+      down_tile<1>(h + i * k, k, w, n, c, tok + i, t0, acc);
 }
 
 // h[i, :w] = x[tok[i]] . W[lo + j] (+ b[j]) for i < m, j < w, then exact GELU with
 // ``gelu``: the up (or gate) projection with the token rows read where they are (no
 // gather), from wp, the weight packed [H/16, d, 16] (units in blocks of 16, each block
-// input-major). Register tiles of six token rows by up to 64 units, each packed row loaded
-// once for the six. Needs AVX-512 and lo, w multiples of 16 (``up_from_rows_ok``).
-static bool up_from_rows_ok(int64_t lo, int64_t w) {
-#if defined(__AVX512F__)
-  return lo % 16 == 0 && w % 16 == 0;
-#else
-  (void)lo; (void)w;
-  return false;
-#endif
-}
+// input-major). Register tiles of six token rows by up to kTileCols units, each packed
+// row loaded once for the six. Needs lo, w multiples of 16 (``up_from_rows_ok``).
+static bool up_from_rows_ok(int64_t lo, int64_t w) { return lo % 16 == 0 && w % 16 == 0; }
 
-#if defined(__AVX512F__)
 template <int NC, bool GELU>
 static void up_tile(const float* const* xr, int rows, int64_t d, const float* wc, const float* b,
                     float* h, int64_t ldh) {
-  __m512 a[6][NC];
+  constexpr int PB = dynvec::kPerBlock, NV = NC * PB, W = dynvec::kW;
+  Vec a[6][NV];
   for (int r = 0; r < 6; ++r)
-    for (int j = 0; j < NC; ++j) a[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) a[r][j] = Vec(0.0f);
   const int64_t plane = d * 16;
   for (int64_t q = 0; q < d; ++q) {
-    __m512 w[NC];
-    for (int j = 0; j < NC; ++j) w[j] = _mm512_loadu_ps(wc + j * plane + q * 16);
+    Vec w[NV];
+    for (int j = 0; j < NV; ++j) w[j] = Vec::loadu(wc + (j / PB) * plane + q * 16 + (j % PB) * W);
     for (int r = 0; r < 6; ++r) {
-      const __m512 v = _mm512_set1_ps(xr[r][q]);
-      for (int j = 0; j < NC; ++j) a[r][j] = _mm512_fmadd_ps(v, w[j], a[r][j]);
+      const Vec v(xr[r][q]);
+      for (int j = 0; j < NV; ++j) a[r][j] = at::vec::fmadd(v, w[j], a[r][j]);
     }
   }
-  using Vec = at::vec::Vectorized<float>;
   const Vec half(0.5f), one(1.0f), alpha(static_cast<float>(M_SQRT1_2));
   for (int r = 0; r < rows; ++r)
-    for (int j = 0; j < NC; ++j) {
-      __m512 v = a[r][j];
-      if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + 16 * j));
-      if (GELU) {
-        const Vec x(v);
-        v = x * half * (one + (x * alpha).erf());
-      }
-      _mm512_storeu_ps(h + r * ldh + 16 * j, v);
+    for (int j = 0; j < NV; ++j) {
+      const int off = (j / PB) * 16 + (j % PB) * W;
+      Vec v = a[r][j];
+      if (b) v = v + Vec::loadu(b + off);
+      if (GELU) v = v * half * (one + (v * alpha).erf());
+      v.store(h + r * ldh + off);
     }
 }
 
 template <bool GELU>
 static void up_tiles(const float* const* xr, int rows, int64_t d, const float* wc, int64_t w,
                      const float* b, float* h) {
-  for (int64_t c = 0; c < w; c += 64) {
+  for (int64_t c = 0; c < w;) {
     const float* wcc = wc + (c / 16) * d * 16;
     const float* bc = b ? b + c : nullptr;
-    switch (std::min<int64_t>(4, (w - c) / 16)) {
+    const int64_t nb = std::min<int64_t>(dynvec::kTileBlocks, (w - c) / 16);
+    switch (nb) {
       case 4: up_tile<4, GELU>(xr, rows, d, wcc, bc, h + c, w); break;
       case 3: up_tile<3, GELU>(xr, rows, d, wcc, bc, h + c, w); break;
       case 2: up_tile<2, GELU>(xr, rows, d, wcc, bc, h + c, w); break;
       default: up_tile<1, GELU>(xr, rows, d, wcc, bc, h + c, w); break;
     }
+    c += 16 * nb;
   }
 }
-#endif
 
 static void up_from_rows(const float* x, int64_t d, const int64_t* tok, int64_t m,
                          const float* wp, int64_t lo, int64_t w, const float* b, bool gelu,
                          float* h) {
-#if defined(__AVX512F__)
   const float* wc = wp + (lo / 16) * d * 16;
   for (int64_t i = 0; i < m; i += 6) {
     const int rows = static_cast<int>(std::min<int64_t>(6, m - i));
@@ -447,10 +404,6 @@ static void up_from_rows(const float* x, int64_t d, const int64_t* tok, int64_t 
     if (gelu) up_tiles<true>(xr, rows, d, wc, w, b, h + i * w);
     else up_tiles<false>(xr, rows, d, wc, w, b, h + i * w);
   }
-#else
-  (void)x; (void)d; (void)tok; (void)m; (void)wp; (void)lo; (void)w; (void)b; (void)gelu;
-  (void)h;
-#endif
 }
 
 namespace {

@@ -3,8 +3,9 @@
 ``route_mask`` computes ``select(router_scores(fc1, fc2, x, bf16), tau)``
 (``dyncompile.forms.expert.fit.select``). ``route_tokens`` (C++) runs the whole router in
 one pass over the tokens: the first layer from packed weights in register tiles
-of four tokens by 64 hidden units (with ``bf16``, the operands rounded to bf16
-and AVX512-BF16 dot products, fp32 accumulation: on a CPU with native bf16 dot
+of four tokens by 64 hidden units with AVX-512, 16 elsewhere (with ``bf16``, the
+operands rounded to bf16 and AVX512-BF16 dot products, fp32 accumulation: on a CPU
+with native bf16 dot
 products about twice as fast as fp32), its bias and ReLU, the second layer
 (``hidden -> experts``, too narrow for BLAS to run well: four tokens at a time
 against the transposed weights, no horizontal sums), its ReLU, the row max and
@@ -12,10 +13,11 @@ the threshold ``score >= tau * max``. No library matmul, so no parallel region
 for a few hundred tokens (a region costs more than the layer there). Measured
 against the route it replaced (library matmul, then ``route_select``) at 128 to
 4096 tokens: bf16 2.3x (128) to 1.4x (4096) faster, fp32 as fast or faster.
-Without AVX-512 the first layer is a matmul and ``route_select`` (C++) does the
-rest. The scores agree with ``router_scores``
-to float rounding (the summation order differs), so a token whose score sits
-within rounding of its threshold may select differently.
+The tiles are written with ATen's vector class (``ops/vec.h``), so the same source
+builds for AVX-512, AVX2, NEON and SVE; without native bf16 dot products the bf16
+router runs the fp32 tiles on bf16-rounded weights and tokens (the same products).
+The scores agree with ``router_scores`` to float rounding (the summation order
+differs), so a token whose score sits within rounding of its threshold may select differently.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 from ..cpp_extension import InlineExtension
 
-_EXT = InlineExtension("dyncompile_expert_route_v5", Path(__file__).with_name("expert_route.cpp"),
+_EXT = InlineExtension("dyncompile_expert_route_v6", Path(__file__).with_name("expert_route.cpp"),
                        ["route_select", "route_tokens", "first_layer_kinds"],
                        ("-O3", "-march=native", "-fopenmp"))
 
@@ -51,7 +53,8 @@ def native_bf16() -> bool:
 
 # Per router: (its parameters and their versions, the first layer with bf16-rounded
 # weights, the padded transposed second layer and bias, the first layer packed for
-# ``route_tokens`` in fp32 and bf16), so a call never converts a weight.
+# ``route_tokens`` in fp32, in bf16 pairs and in fp32 rounded to bf16), so a call
+# never converts a weight.
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -75,16 +78,39 @@ def _prepared(fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> tuple[torch.Tensor,
         p16 = torch.zeros(kp, 2 * (-(-d // 2)))
         p16[:k, :d] = w1
         p16 = p16.to(torch.bfloat16).reshape(kp, -1, 2).transpose(0, 1).contiguous()
-        got = (params, versions, w1.to(torch.bfloat16).float(), w2t, b2, p32, p16)
+        got = (params, versions, w1.to(torch.bfloat16).float(), w2t, b2, p32, p16,
+               p32.to(torch.bfloat16).float())
         _PREPARED[fc2] = got
     return got[2:]
 
 
 @functools.cache
 def _first_layer_kinds() -> tuple[bool, bool]:
-    """(fp32, bf16): whether ``route_tokens`` has that first layer in this build."""
+    """(fp32, bf16): whether ``route_tokens`` runs that router in one pass (both, where
+    the kernel is built)."""
+    return (True, True) if _EXT.load() is not None else (False, False)
+
+
+@functools.cache
+def native_bf16_layer() -> bool:
+    """Whether the built kernel's bf16 first layer uses native bf16 dot products (else
+    fp32 tiles on bf16-rounded operands)."""
     mod = _EXT.load()
-    return tuple(mod.first_layer_kinds()) if mod is not None else (False, False)
+    return bool(mod.first_layer_kinds()[1]) if mod is not None else False
+
+
+def kernel_isa() -> str | None:
+    """The vector class the built kernel uses ("avx512", "avx2", "neon", "default")."""
+    mod = _EXT.load()
+    return str(mod.first_layer_kinds()[2]) if mod is not None else None
+
+
+def _first_layer(prepared: tuple[torch.Tensor, ...], bf16: bool) -> tuple[torch.Tensor, bool]:
+    """(packed first layer, round the tokens to bf16) for ``route_tokens``."""
+    p32, p16, p32b = prepared[3:]
+    if not bf16:
+        return p32, False
+    return (p16, False) if native_bf16_layer() else (p32b, True)
 
 
 def router_scores(fc1: torch.nn.Linear, fc2: torch.nn.Linear, x: torch.Tensor,
@@ -111,11 +137,12 @@ def route_mask(fc1: torch.nn.Linear, fc2: torch.nn.Linear, x: torch.Tensor,
     if mod is None or x.device.type != "cpu" or x.dtype != torch.float32 \
             or fc1.weight.dtype != torch.float32 or fc1.bias is None or fc2.bias is None:
         return None
-    w1, w2t, b2, p32, p16 = _prepared(fc1, fc2)
+    prepared = _prepared(fc1, fc2)
+    w1, w2t, b2 = prepared[:3]
     e, b1 = int(fc2.weight.shape[0]), fc1.bias.detach()
     if _first_layer_kinds()[int(bf16)]:
-        return mod.route_tokens(x, p16 if bf16 else p32, b1, w2t, b2, e, float(tau),
-                                ROUTE_TOKENS_GRAIN)
+        w1p, rnd = _first_layer(prepared, bf16)
+        return mod.route_tokens(x, w1p, b1, w2t, b2, e, float(tau), ROUTE_TOKENS_GRAIN, rnd)
     h = F.linear(x.to(torch.bfloat16).float(), w1) if bf16 else F.linear(x, fc1.weight)
     return mod.route_select(h, b1, w2t, b2, e, float(tau))
 
@@ -130,12 +157,13 @@ def route_lane(fc1: torch.nn.Linear, fc2: torch.nn.Linear,
     if mod is None or fc1.weight.dtype != torch.float32 or fc1.weight.device.type != "cpu" \
             or fc1.bias is None or fc2.bias is None or not _first_layer_kinds()[int(bf16)]:
         return None
-    _, w2t, b2, p32, p16 = _prepared(fc1, fc2)
+    prepared = _prepared(fc1, fc2)
+    _, w2t, b2 = prepared[:3]
     fn = mod.route_tokens
-    w1p, b1, e, grain = p16 if bf16 else p32, fc1.bias.detach(), int(fc2.weight.shape[0]), \
-        ROUTE_TOKENS_GRAIN
+    (w1p, rnd), b1 = _first_layer(prepared, bf16), fc1.bias.detach()
+    e, grain = int(fc2.weight.shape[0]), ROUTE_TOKENS_GRAIN
 
     def lane(x: torch.Tensor, tau: float) -> torch.Tensor:
-        return fn(x, w1p, b1, w2t, b2, e, tau, grain)
+        return fn(x, w1p, b1, w2t, b2, e, tau, grain, rnd)
 
     return lane

@@ -1,12 +1,18 @@
+#include "vec.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <tuple>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
+
+using dynvec::Vec;
 
 // hr[i] = relu(h[r, i] + b1[i]) for the k values of row r of h.
 static inline void hidden_row(const float* h, int64_t r, int64_t k, const float* b1, float* hr) {
@@ -20,31 +26,26 @@ static inline void hidden_row(const float* h, int64_t r, int64_t k, const float*
 
 // s[q * ep + c] = b2[c] + sum_i hr[q * k + i] * w2t[i * ep + c] for the q < rows (<= 4)
 // rows of hr: each weight row is read once for the four tokens, whose sums are
-// independent (eight accumulators in registers for 32 padded experts).
+// independent (32 padded experts: four tokens by 32 / kW vectors in registers).
 static inline void scores4(const float* hr, int64_t rows, int64_t k, const float* w2t,
                            const float* b2, int64_t ep, float* s) {
-#if defined(__AVX512F__)
   if (ep == 32 && rows == 4) {
-    __m512 a[8];
-    for (int q = 0; q < 4; ++q) {
-      a[2 * q] = _mm512_loadu_ps(b2);
-      a[2 * q + 1] = _mm512_loadu_ps(b2 + 16);
-    }
+    constexpr int NV = 32 / dynvec::kW, W = dynvec::kW;
+    Vec a[4][NV];
+    for (int q = 0; q < 4; ++q)
+      for (int j = 0; j < NV; ++j) a[q][j] = Vec::loadu(b2 + j * W);
     for (int64_t i = 0; i < k; ++i) {
-      const __m512 w0 = _mm512_loadu_ps(w2t + i * 32), w1 = _mm512_loadu_ps(w2t + i * 32 + 16);
+      Vec w[NV];
+      for (int j = 0; j < NV; ++j) w[j] = Vec::loadu(w2t + i * 32 + j * W);
       for (int q = 0; q < 4; ++q) {
-        const __m512 v = _mm512_set1_ps(hr[q * k + i]);
-        a[2 * q] = _mm512_fmadd_ps(v, w0, a[2 * q]);
-        a[2 * q + 1] = _mm512_fmadd_ps(v, w1, a[2 * q + 1]);
+        const Vec v(hr[q * k + i]);
+        for (int j = 0; j < NV; ++j) a[q][j] = at::vec::fmadd(v, w[j], a[q][j]);
       }
     }
-    for (int q = 0; q < 4; ++q) {
-      _mm512_storeu_ps(s + q * 32, a[2 * q]);
-      _mm512_storeu_ps(s + q * 32 + 16, a[2 * q + 1]);
-    }
+    for (int q = 0; q < 4; ++q)
+      for (int j = 0; j < NV; ++j) a[q][j].store(s + q * 32 + j * W);
     return;
   }
-#endif
   for (int64_t q = 0; q < rows; ++q) {
     float* sp = s + q * ep;
     std::memcpy(sp, b2, sizeof(float) * ep);
@@ -121,47 +122,49 @@ torch::Tensor route_select(torch::Tensor h, torch::Tensor b1, torch::Tensor w2t,
 //   product instruction takes them), the tokens cast to bf16 (round to nearest even)
 //   four rows at a time, fp32 accumulation.
 
-// (fp32 first layer available, bf16 first layer available) in this build.
-std::tuple<bool, bool> first_layer_kinds() {
-#if defined(__AVX512F__)
-  const bool f32 = true;
-#else
-  const bool f32 = false;
-#endif
+// (fp32 first layer, native bf16 first layer) in this build, and the vector class it
+// uses. Without native bf16 dot products the bf16 router runs the fp32 first layer on
+// bf16-rounded weights and tokens (the same products, exact in fp32).
+std::tuple<bool, bool, std::string> first_layer_kinds() {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   const bool b16 = true;
 #else
   const bool b16 = false;
 #endif
-  return std::make_tuple(f32, b16);
+  return std::make_tuple(true, b16, std::string(dynvec::isa()));
 }
 
-#if defined(__AVX512F__)
 // h[q, c] = x[rows[q]] . w1[c] for q < 4 and c < kp (rows repeat the last real one
-// past the end; their sums are not used).
+// past the end; their sums are not used): register tiles of four tokens by kTileCols
+// hidden units.
 static void layer1_f32(const float* const* xr, int64_t d, const float* w1p, int64_t kp,
                        float* h) {
-  for (int64_t c0 = 0; c0 < kp; c0 += 64) {
-    __m512 a[4][4];
+  constexpr int NV = dynvec::kTileCols / dynvec::kW, W = dynvec::kW;
+  for (int64_t c0 = 0; c0 < kp; c0 += dynvec::kTileCols) {
+    Vec a[4][NV];
     for (int q = 0; q < 4; ++q)
-      for (int j = 0; j < 4; ++j) a[q][j] = _mm512_setzero_ps();
+      for (int j = 0; j < NV; ++j) a[q][j] = Vec(0.0f);
     for (int64_t i = 0; i < d; ++i) {
       const float* w = w1p + i * kp + c0;
-      const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-      const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
+      Vec wv[NV];
+      for (int j = 0; j < NV; ++j) wv[j] = Vec::loadu(w + j * W);
       for (int q = 0; q < 4; ++q) {
-        const __m512 v = _mm512_set1_ps(xr[q][i]);
-        a[q][0] = _mm512_fmadd_ps(v, w0, a[q][0]);
-        a[q][1] = _mm512_fmadd_ps(v, w1, a[q][1]);
-        a[q][2] = _mm512_fmadd_ps(v, w2, a[q][2]);
-        a[q][3] = _mm512_fmadd_ps(v, w3, a[q][3]);
+        const Vec v(xr[q][i]);
+        for (int j = 0; j < NV; ++j) a[q][j] = at::vec::fmadd(v, wv[j], a[q][j]);
       }
     }
     for (int q = 0; q < 4; ++q)
-      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(h + q * kp + c0 + 16 * j, a[q][j]);
+      for (int j = 0; j < NV; ++j) a[q][j].store(h + q * kp + c0 + j * W);
   }
 }
-#endif
+
+// xs[q, :d] = float(bf16(x[q, :d])) (round to nearest even): the tokens as the bf16
+// router sees them, for the fp32 first layer on bf16-rounded weights.
+static void round_rows_bf16(const float* const* xr, int64_t d, float* xs) {
+  for (int q = 0; q < 4; ++q)
+    for (int64_t i = 0; i < d; ++i)
+      xs[q * d + i] = static_cast<float>(c10::BFloat16(xr[q][i]));
+}
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 // The same from bf16 pairs: xb [4, ld] (u32 = two bf16 inputs), w1p [dp2, kp, 2] bf16.
@@ -208,9 +211,10 @@ static void cast_rows_bf16(const float* const* xr, int64_t d, uint32_t* xb, int6
 
 // x [N, D] fp32; w1p packed as above (fp32 [D, KP] or bf16 [ceil(D/2), KP, 2]); b1 [K];
 // w2t [K, EP], b2 [EP] as in route_select. The same mask as route_select on x @ w1^T.
+// With ``round_x`` (fp32 w1p only) the tokens are rounded to bf16 first.
 torch::Tensor route_tokens(torch::Tensor x, torch::Tensor w1p, torch::Tensor b1,
                            torch::Tensor w2t, torch::Tensor b2, int64_t e, double tau,
-                           int64_t grain) {
+                           int64_t grain, bool round_x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat);
   const bool bf = w1p.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf ? w1p.dim() == 3 : w1p.dim() == 2);
@@ -232,6 +236,7 @@ torch::Tensor route_tokens(torch::Tensor x, torch::Tensor w1p, torch::Tensor b1,
     const int64_t ld = (d + 15) / 16 * 8;  // u32 per cast row
     std::vector<float> h(4 * kp), hr(4 * k), s(4 * ep);
     std::vector<uint32_t> xb(4 * ld);
+    std::vector<float> xs(round_x ? 4 * d : 0);
     for (int64_t r = r0; r < r1; r += 4) {
       const int64_t rows = std::min<int64_t>(4, r1 - r);
       const float* xr[4];
@@ -243,12 +248,12 @@ torch::Tensor route_tokens(torch::Tensor x, torch::Tensor w1p, torch::Tensor b1,
 #else
         TORCH_CHECK(false, "route_tokens: no bf16 first layer in this build");
 #endif
+      } else if (round_x) {
+        round_rows_bf16(xr, d, xs.data());
+        const float* xq[4] = {xs.data(), xs.data() + d, xs.data() + 2 * d, xs.data() + 3 * d};
+        layer1_f32(xq, d, static_cast<const float*>(w1v), kp, h.data());
       } else {
-#if defined(__AVX512F__)
         layer1_f32(xr, d, static_cast<const float*>(w1v), kp, h.data());
-#else
-        TORCH_CHECK(false, "route_tokens: no fp32 first layer in this build");
-#endif
       }
       for (int64_t q = 0; q < rows; ++q)
         for (int64_t i = 0; i < k; ++i) {
