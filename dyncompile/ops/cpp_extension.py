@@ -100,10 +100,15 @@ class InlineExtension:
         key = "\0".join(parts).encode()
         return f"{self.name}_{hashlib.sha256(key).hexdigest()[:10]}"
 
-    def variant(self, suffix: str, cflags: tuple[str, ...]) -> InlineExtension:
-        """The same kernel built with other flags under its own name (tests build the
-        portable variant beside the native one)."""
-        return InlineExtension(f"{self.name}_{suffix}", self.path, self.functions, cflags,
+    def portable(self) -> InlineExtension | None:
+        """The same kernel for the narrowest vector unit worth testing on this machine
+        (``-march=native`` replaced by ``portable_march()``), under its own name; None
+        where no such build is defined. Tests run it beside the native build."""
+        march = portable_march()
+        if march is None:
+            return None
+        flags = tuple(march if f == "-march=native" else f for f in self.cflags)
+        return InlineExtension(f"{self.name}_portable", self.path, self.functions, flags,
                                self.defines)
 
 
@@ -122,14 +127,14 @@ def host_key() -> str:
     return f"{platform.machine()} {flags}"
 
 
-def portable_cflags() -> tuple[str, ...] | None:
-    """Flags for the narrowest vector build worth testing on this machine: AVX2 on
-    x86-64 (``x86-64-v3``), plain ARMv8 NEON on aarch64; None elsewhere."""
+def portable_march() -> str | None:
+    """The ``-march`` of the narrowest vector build worth testing on this machine: AVX2
+    on x86-64 (``x86-64-v3``), plain ARMv8 NEON on aarch64; None elsewhere."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
-        return ("-O3", "-march=x86-64-v3", "-fopenmp")
+        return "-march=x86-64-v3"
     if machine in ("aarch64", "arm64"):
-        return ("-O3", "-march=armv8-a", "-fopenmp")
+        return "-march=armv8-a"
     return None
 
 

@@ -13,6 +13,7 @@ from dyncompile.core import stats
 from dyncompile.ops.sparse_linear.cpu import kernel_available, sparse_linear_cpu
 from dyncompile.ops.sparse_linear.kernels import run_cpu, run_cuda
 from dyncompile.ops.sparse_linear.reference import active_rows, sparse_linear_reference
+from tests.ops.conftest import BUILDS
 
 
 def op(x, weight_t, bias, threshold):
@@ -59,6 +60,29 @@ def test_half_precision_weights_sum_in_fp32(dtype, tokens, shape, bias):
         y, k, pairs, walked = sparse_linear_cpu(x, wt, b, 1.5, 16, 0.85, 8)
         assert walked == (tokens <= 8 or (tokens <= 16 and k <= 0.85 * shape[0]))
         assert pairs == int((x.float().abs() >= 1.5).sum())
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_on_each_build(build, dtype, kernel_build):
+    """The native build and the portable one (same source, narrower vectors) walk the
+    active rows and take the dense path with the reference's result, in each precision,
+    with and without a per-channel scale."""
+    from dyncompile.ops.sparse_linear import cpu
+
+    if not kernel_available():
+        pytest.skip("no C++ compiler")
+    kernel_build(cpu, build)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    for tokens, shape in [(1, (37, 53)), (3, (300, 17)), (9, (129, 257)), (40, (65, 33))]:
+        x, wt, b = _case(tokens, *shape, seed=tokens)
+        x, wt, b = x.to(dtype), wt.to(dtype), b.to(dtype)
+        scale = torch.rand(shape[0]) * 2
+        for thr, sc in [(0.0, None), (0.7, None), (0.7, scale)]:
+            y, k, pairs, walked = sparse_linear_cpu(x, wt, b, thr, 16, 0.85, 8, sc)
+            assert walked == (tokens <= 8 or (tokens <= 16 and k <= 0.85 * shape[0]))
+            ref = sparse_linear_reference(x, wt, b, thr, sc)
+            torch.testing.assert_close(y.float(), ref.float(), **tol)
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 30])

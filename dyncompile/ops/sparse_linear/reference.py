@@ -28,8 +28,11 @@ def sparse_linear_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: torch
 
 
 def score(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """What the threshold is compared with: ``|x|``, times ``scale`` per channel if given."""
-    return x.abs() if scale is None else x.abs() * scale
+    """What the threshold is compared with: ``|x|``, times ``scale`` per channel if given,
+    in fp32 (as the kernels compare: a half-precision comparison would round the
+    threshold)."""
+    a = x.abs().float()
+    return a if scale is None else a * scale
 
 
 def active_rows(x: torch.Tensor, threshold: float) -> torch.Tensor:
