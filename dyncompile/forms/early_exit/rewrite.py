@@ -40,7 +40,6 @@ from ...passes.blocks import ResidualBlock
 from ...passes.graph_utils import (
     node_value,
     placeholder_info,
-    position,
     shape_of,
     sym,
     tensor_value,
@@ -49,6 +48,7 @@ from ...passes.graph_utils import (
 from ...passes.linears import LinearSite
 from ...passes.pooling import find_pooling, live_nodes
 from ...passes.splice import LINEAR_FLOPS
+from ...passes.stream import clean_cuts, final_state, stream_chain
 from ...passes.weights import Weights
 from ...program.pieces import build_piece
 from .checks import build_check
@@ -378,34 +378,6 @@ class ExitRuntime:
 # ---------------------------------------------------------------------------- graph side
 
 
-def stream_chain(residuals: list[ResidualBlock], g: nx.DiGraph) -> list[ResidualBlock]:
-    """The residual blocks of the main stream, in order: walking back from the last
-    residual add, each step takes the latest residual whose add feeds the skip input."""
-    if not residuals:
-        return []
-    chain = [max(residuals, key=lambda r: position(r.add))]
-    while True:
-        skip = chain[-1].skip
-        anc = nx.ancestors(g, skip) | {skip}
-        prev = [r for r in residuals if r.add in anc and r not in chain]
-        if not prev:
-            break
-        chain.append(max(prev, key=lambda r: position(r.add)))
-    chain.reverse()
-    return chain
-
-
-def _follow(start: fx.Node, like: list[fx.Node]) -> fx.Node | None:
-    """Walk from ``start`` through users with the same targets as the path ``like``."""
-    cur = start
-    for step in like:
-        nxt = [u for u in cur.users if u.op == step.op and u.target == step.target]
-        if len(nxt) != 1:
-            return None
-        cur = nxt[0]
-    return cur
-
-
 def exit_points(residuals: list[ResidualBlock], attention_names: set[str],
                 g: nx.DiGraph) -> tuple[list[fx.Node], str]:
     """Stream values b_0 (entering the first layer) .. b_{L-1}, then the final state f.
@@ -423,61 +395,11 @@ def exit_points(residuals: list[ResidualBlock], attention_names: set[str],
     last = chain[-1].add
     # The ops between a layer's last add and the next layer's input (post-norm).
     before = chain[chain.index(starts[1]) - 1]
-    final = last
-    if before.add is not starts[1].skip:
-        try:
-            path = nx.shortest_path(g, before.add, starts[1].skip)
-        except nx.NetworkXNoPath:
-            return [], "the stream between layers is not a path"
-        nodes = [n for n in path[1:]]
-        final = _follow(last, nodes) or last
+    final = final_state(before.add, starts[1].skip, last, g)
+    if final is None:
+        return [], "the stream between layers is not a path"
     stream.append(final)
     return stream, ""
-
-
-def _carries_data(node: fx.Node) -> bool:
-    v = node_value(node)
-    if isinstance(v, (tuple, list)):
-        return any(isinstance(x, torch.Tensor) for x in v)
-    return isinstance(v, torch.Tensor)
-
-
-def data_descendants(start: fx.Node) -> set[fx.Node]:
-    """Nodes whose tensor values depend on ``start``'s values (not only on its dtype,
-    device or shape: the walk stops at nodes that produce no tensor)."""
-    seen = {start}
-    todo = [start]
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in seen and _carries_data(u):
-                seen.add(u)
-                todo.append(u)
-    return seen
-
-
-def _clean_cuts(gm: fx.GraphModule, stream: list[fx.Node]) -> list[int]:
-    """Indices k >= 1 of stream values that cut the graph cleanly: nothing after b_k
-    reads a stream-derived tensor from before it, other than b_k itself."""
-    derived = data_descendants(stream[0])
-    nodes = list(gm.graph.nodes)
-    pos = {n: i for i, n in enumerate(nodes)}
-    good = []
-    for k in range(1, len(stream) - 1):
-        b = stream[k]
-        ok = True
-        for n in nodes[pos[b] + 1:]:
-            if n.op == "output":
-                continue
-            for u in n.all_input_nodes:
-                if pos[u] < pos[b] and u in derived and tensor_value(u) is not None:
-                    ok = False
-                    break
-            if not ok:
-                break
-        if ok:
-            good.append(k)
-    return good
 
 
 def _is_batch(node: fx.Node, batch: sympy.Expr, inputs_derived: set[fx.Node]) -> bool:
@@ -533,7 +455,7 @@ class EarlyExitForm(Pass):
             return why
         # Pieces would each convert a boolean attention mask again: convert it once.
         hoist_mask_conversions(gm)
-        good = _clean_cuts(gm, stream)
+        good = clean_cuts(gm, stream)
         stream = [stream[0], *[stream[k] for k in good], stream[-1]]
         if len(stream) < 3:
             return "no layer boundary cuts the graph cleanly"
