@@ -11,7 +11,7 @@
 
 from .api import InspectReport, inspect, optimize
 from .core.budget import budget, tolerance
-from .core.config import DynConfig, known_methods
+from .core.config import DynConfig, default_methods, known_methods
 from .core.errors import TraceError
 from .core.stats import CallStats, compile_count, last_call
 from .module import DynModule, load
@@ -28,6 +28,7 @@ __all__ = [
     "budget",
     "compile_count",
     "inspect",
+    "default_methods",
     "known_methods",
     "last_call",
     "load",

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .core.budget import validate_tolerance
-from .core.config import DynConfig, known_methods, validate_budget, validate_methods
+from .core.config import DynConfig, default_methods, validate_budget, validate_methods
 from .core.errors import trace_error
 from .module import DynModule, call_batch, own_model
 from .passes.blocks import Block, evaluate
@@ -33,7 +33,8 @@ def optimize(model: nn.Module, budget: float | None = None,
         (default 1.0: dense); change it any time with ``opt.budget = b`` or
         ``with dyncompile.budget(b):``; no recompile.
     methods: adaptive forms to apply (see ``dyncompile.known_methods()``); None (the
-        default) means every form that finds something to rewrite, planned together;
+        default) means every form of ``dyncompile.default_methods()`` that finds
+        something to rewrite, planned together;
         ``[]`` applies none.
     calibration: batches (dicts of kwargs, tuples of args, or tensors) shaped like the
         inputs to come, run now to trace, compile, fit the forms and plan them (the last
@@ -69,7 +70,7 @@ def optimize(model: nn.Module, budget: float | None = None,
     quality = validate_quality(quality)
     auto = methods is None
     config = DynConfig(budget=validate_budget(1.0 if budget is None else budget),
-                       methods=known_methods() if auto else validate_methods(methods),
+                       methods=default_methods() if auto else validate_methods(methods),
                        compiler=compiler, form_options=dict(form_options or {}),
                        budget_unit=budget_unit, auto=auto)
     opt = DynModule(own_model(model, config.methods, inplace), config, dynamic=dynamic)

@@ -36,7 +36,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .core.config import DynConfig, known_methods
+    from .core.config import DynConfig, default_methods
     from .eval import report
     from .eval.registry import workload_names
     from .eval.sweep import PLANNED, parse_method, run_sweep, save
@@ -45,12 +45,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for w in workloads:
         if w not in workload_names():
             raise SystemExit(f"unknown workload {w!r}; known: {', '.join(workload_names())}")
-    methods = args.methods.split(",") if args.methods else known_methods()
+    methods = args.methods.split(",") if args.methods else default_methods()
     for m in methods:
         try:
             form, opts = parse_method(m)
             if form == PLANNED:
-                forms = opts["forms"].split("/") if "forms" in opts else known_methods()
+                forms = opts["forms"].split("/") if "forms" in opts else default_methods()
                 DynConfig(methods=forms, budget_unit=opts.get("unit", "flops"))
             else:
                 DynConfig(methods=[form], form_options={form: opts} if opts else {})

@@ -52,6 +52,7 @@ class DynModule(nn.Module):
         from .core.registry import forms
 
         self._mark_batch = any(forms()[m].dynamic_batch for m in config.methods)
+        self._mark_tokens = any(forms()[m].dynamic_tokens for m in config.methods)
         self._warned_eager = False
         self._calibrate_on_first_call = False
         options: dict[str, Any] = {**_options(config), "state": self.state}
@@ -160,9 +161,9 @@ class DynModule(nn.Module):
             options = {**_options(self.config), "state": self.state}
             compiled = torch.compile(own_entry(self.model.forward), backend=dyn_backend,
                                      options=options, dynamic=self._dynamic)
-            if self._mark_batch:
+            if self._mark_batch or self._mark_tokens:
                 def forward(*a: Any, **k: Any) -> Any:
-                    _mark_batch_dynamic([*a, *k.values()])
+                    _mark_batch_dynamic([*a, *k.values()], self._mark_tokens)
                     return compiled(*a, **k)
 
                 self._compiled_forward = forward
@@ -183,8 +184,8 @@ class DynModule(nn.Module):
                 self.stats = _stats.end_call(token)
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
-        if self._mark_batch:
-            _mark_batch_dynamic([*args, *kwargs.values()])
+        if self._mark_batch or self._mark_tokens:
+            _mark_batch_dynamic([*args, *kwargs.values()], self._mark_tokens)
         if self._traced:
             return self._compiled(*args, **kwargs)
         try:
@@ -272,11 +273,16 @@ def own_entry(fn: Any) -> Any:
     return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
-def _mark_batch_dynamic(values: list[Any]) -> None:
+def _mark_batch_dynamic(values: list[Any], tokens: bool = False) -> None:
     """Let dynamo trace dim 0 (the batch) of the input tensors as a symbol: tensors given
     directly, and tensors held in lists, dicts or objects (a KV cache) whose dim 0 equals
-    the first input tensor's."""
+    the first input tensor's. ``tokens``: dim 1 too (the first input's token count, on
+    the tensors given directly whose dim 1 equals it)."""
     direct = [v for v in values if isinstance(v, torch.Tensor) and v.dim() >= 1]
+    if tokens and direct and direct[0].dim() >= 2 and direct[0].shape[1] > 1:
+        for t in direct:
+            if t.dim() >= 2 and t.shape[1] == direct[0].shape[1]:
+                torch._dynamo.maybe_mark_dynamic(t, 1)
     if direct and direct[0].shape[0] < 2:
         return  # a batch of one: nothing to mark (the common decoding case)
     tensors: list[torch.Tensor] = []

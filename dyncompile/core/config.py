@@ -40,6 +40,14 @@ def known_methods() -> list[str]:
     return sorted(forms())
 
 
+def default_methods() -> list[str]:
+    """The forms ``optimize()`` applies (and the planner mixes) when no methods are named:
+    every registered form whose ``automatic`` is true."""
+    from .registry import forms
+
+    return sorted(n for n, f in forms().items() if getattr(f, "automatic", True))
+
+
 def validate_methods(methods: Any) -> tuple[str, ...]:
     """Return methods as a tuple of registered form names, or raise ValueError listing them."""
     if methods is None:

@@ -65,6 +65,12 @@ class Pass:
     #: True when the form needs the batch dimension traced symbolically (it changes the
     #: number of rows between pieces); ``DynModule`` then marks dim 0 of inputs dynamic.
     dynamic_batch: bool = False
+    #: True when the form needs the token dimension (dim 1) traced symbolically (it changes
+    #: the number of tokens between pieces); ``DynModule`` then marks it dynamic.
+    dynamic_tokens: bool = False
+    #: False for a form applied only when named in ``methods=[...]`` (not by a bare
+    #: ``optimize()``, not in the planner's mix).
+    automatic: bool = True
     #: Order among the selected forms (lower runs first), which is also who owns a block
     #: that several forms could rewrite: ``expert`` (10) takes FFN blocks, ``gated`` (20)
     #: the linears left over (attention projections included), then the forms that act on

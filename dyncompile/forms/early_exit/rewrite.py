@@ -432,6 +432,9 @@ class EarlyExitForm(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> list[str]:
         assert ctx.blocks is not None and ctx.state is not None
+        if ctx.program is not None:
+            ctx.log.append("early_exit: left dense (another form already runs this graph)")
+            return []
         graph = self.plan(gm, ctx)
         if isinstance(graph, str):
             ctx.log.append(f"early_exit: left dense ({graph})")
