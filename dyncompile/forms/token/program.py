@@ -2,7 +2,8 @@
 
 At a budget below 1.0 the runner runs the pieces of a :class:`TokenGraph` in order.
 After each piece that holds attention it merges the most similar tokens
-(bipartite soft matching on that attention's keys, the ``token_merge`` ops): the
+(bipartite soft matching on the stream leaving it, or that attention's keys;
+the ``token_merge`` ops): the
 stream becomes the size-weighted means of the merged groups, and every
 per-token input of later pieces (masks, positions) takes its kept tokens' rows.
 Attention pieces add ``log(size)`` to their scores (proportional attention), so

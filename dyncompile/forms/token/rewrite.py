@@ -5,8 +5,9 @@ each residual block's input where the cut is clean, and makes one piece per
 block, plus the head. A piece holding attention gets a last input, the
 proportional-attention bias ``log(size)`` [rows, 1, 1, tokens], added to its
 attention's mask (SDPA) or scores (softmax attention); the merge after it
-matches tokens on that attention's keys. The token count must be traced as a
-symbol (``optimize()`` marks it), so each compiled piece serves every count.
+matches tokens on the stream leaving it (or on that attention's keys). The
+token count must be traced as a symbol (``optimize()`` marks it), so each
+compiled piece serves every count.
 
 Left dense, with the reason logged: causal attention (a token's merge would
 depend on later tokens), a token count traced as a constant, and graphs where a
@@ -38,8 +39,11 @@ from .program import TokenGraph, TokenRunner
 
 @dataclass(frozen=True)
 class TokenOptions:
-    """``protect_first``: the first token (a classifier's or pooler's token) never merges."""
+    """``match_on``: what tokens are matched on, the stream after the attention block
+    (the values that merge; default) or that attention's keys (ToMe's choice).
+    ``protect_first``: the first token (a classifier's or pooler's token) never merges."""
 
+    match_on: str = choice("stream", "keys")
     protect_first: bool = choice(True, False)
 
 
@@ -227,8 +231,9 @@ class TokenForm(Pass):
                 keys.append(None)
                 continue
             a = found[-1]
-            k = a.k.output if a.k is not None and not a.fused_qkv else stream[j + 1]
-            keys.append(k if k in inside or k is stream[j + 1] else stream[j + 1])
+            k = a.k.output if (opts.match_on == "keys" and a.k is not None and
+                               not a.fused_qkv and a.k.output in inside) else stream[j + 1]
+            keys.append(k)
         if not any(keys[:-1]) and keys[-1] is None:
             return "no attention on the stream"
         later: list[set[fx.Node]] = []

@@ -185,6 +185,24 @@ def test_schedule_meets_the_budget_and_floors_at_half():
     assert all(b >= a // 2 + 1 for a, b in zip(counts[::2], counts[1::2]))
 
 
+def test_matching_on_keys_reads_the_key_projection():
+    model, x = _bert(), _ids(2, 24)
+    opt = _opt(model, form_options={"token": {"match_on": "keys"}})
+    with torch.no_grad(), dyncompile.budget(0.5):
+        opt(**x)
+    g = _graph(opt)
+    merges = [(j, k) for j, k in enumerate(g.keys) if k is not None]
+    assert merges and all(k is not g.stream[j + 1] for j, k in merges)
+    assert all("linear" in str(k.target) for _, k in merges)
+    assert opt.state.forms["token"].last_tokens[-1] < 24
+    # the default matches on the stream leaving the attention block
+    opt = _opt(model)
+    with torch.no_grad():
+        opt(**x)
+    g = _graph(opt)
+    assert all(k is g.stream[j + 1] for j, k in enumerate(g.keys) if k is not None)
+
+
 def test_bad_options_are_rejected():
     with pytest.raises(ValueError, match="protect_first"):
         _opt(_bert(), form_options={"token": {"protect_first": "yes"}})
