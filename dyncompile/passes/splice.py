@@ -27,6 +27,13 @@ def replaced_node(site: LinearSite) -> fx.Node:
 LINEAR_FLOPS = "dyn_linear_flops"
 
 
+def linear_cost(nodes: list[fx.Node], linears: dict[fx.Node, LinearSite]) -> float:
+    """FLOPs per token of the linears among ``nodes``: found linears (2 * in * out) and
+    ops a form spliced in (their ``LINEAR_FLOPS`` meta)."""
+    return float(sum(2 * linears[n].in_features * linears[n].out_features if n in linears
+                     else n.meta.get(LINEAR_FLOPS, 0.0) for n in nodes))
+
+
 def copy_meta(src: fx.Node, dst: fx.Node) -> None:
     """Give ``dst`` the value and provenance metadata of the node it replaces."""
     dst.meta.update({k: v for k, v in src.meta.items() if k in _META})

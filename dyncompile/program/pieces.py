@@ -76,3 +76,27 @@ def build_piece(gm: fx.GraphModule, name: str, nodes: Iterable[fx.Node],
     graph.output(tuple(env[o] for o in outputs))
     module = fx.GraphModule(gm, graph, class_name=f"Piece_{name}")
     return Piece(name=name, nodes=chosen, inputs=inputs, outputs=outputs, module=module)
+
+
+def cut_at(gm: fx.GraphModule, stream: list[fx.Node]
+           ) -> tuple[list[list[fx.Node]], list[fx.Node], list[list[fx.Node]]]:
+    """The graph's computing nodes cut at the values ``stream[1:]``: (segments, head,
+    handed on). Segment ``j`` ends at ``stream[j + 1]`` (the first one holds everything
+    before it), the head is what follows the last; ``handed_on[j]`` lists the nodes of
+    segment ``j`` that a later segment, the head or the output reads."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    cuts = [pos[b] for b in stream[1:]]
+    segments: list[list[fx.Node]] = [[] for _ in cuts]
+    head: list[fx.Node] = []
+    for n in nodes:
+        if n.op in ("placeholder", "output", "get_attr"):
+            continue
+        j = next((i for i, c in enumerate(cuts) if pos[n] <= c), None)
+        (head if j is None else segments[j]).append(n)
+    handed_on: list[list[fx.Node]] = [[] for _ in cuts]
+    later: set[fx.Node] = set(head) | {gm.graph.output_node()}
+    for j in reversed(range(len(cuts))):
+        handed_on[j] = [n for n in segments[j] if any(u in later for u in n.users)]
+        later |= set(segments[j])
+    return segments, head, handed_on

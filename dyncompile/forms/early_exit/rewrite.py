@@ -45,12 +45,11 @@ from ...passes.graph_utils import (
     tensor_value,
     to_nx,
 )
-from ...passes.linears import LinearSite
 from ...passes.pooling import find_pooling, live_nodes
-from ...passes.splice import LINEAR_FLOPS
+from ...passes.splice import linear_cost
 from ...passes.stream import clean_cuts, final_state, stream_chain
 from ...passes.weights import Weights
-from ...program.pieces import build_piece
+from ...program.pieces import build_piece, cut_at
 from .checks import build_check
 from .fit import QualityMap, ThresholdCurve
 from .program import (
@@ -413,11 +412,6 @@ def _is_batch(node: fx.Node, batch: sympy.Expr, inputs_derived: set[fx.Node]) ->
     return True
 
 
-def _linear_cost(nodes: list[fx.Node], linears: dict[fx.Node, LinearSite]) -> float:
-    return float(sum(2 * linears[n].in_features * linears[n].out_features if n in linears
-                     else n.meta.get(LINEAR_FLOPS, 0.0) for n in nodes))
-
-
 @register_form
 class EarlyExitForm(Pass):
     """Cut the graph at its layer boundaries and let rows exit where the head is sure."""
@@ -464,27 +458,15 @@ class EarlyExitForm(Pass):
             return "no layer boundary cuts the graph cleanly"
         nodes = list(gm.graph.nodes)
         pos = {n: i for i, n in enumerate(nodes)}
-        out_node = gm.graph.output_node()
-        raw = out_node.args[0]
+        raw = gm.graph.output_node().args[0]
         outputs = list(raw) if isinstance(raw, (tuple, list)) else [raw]
         out_set = {o for o in outputs if isinstance(o, fx.Node)}
-        body = [n for n in nodes if n.op not in ("placeholder", "output", "get_attr")]
-        cuts = [pos[b] for b in stream[1:]]  # segment j ends at stream[j + 1]
-        seg_nodes: list[list[fx.Node]] = [[] for _ in cuts]
-        head_nodes: list[fx.Node] = []
-        for n in body:
-            j = next((i for i, c in enumerate(cuts) if pos[n] <= c), None)
-            (head_nodes if j is None else seg_nodes[j]).append(n)
-        later: list[set[fx.Node]] = []
-        acc: set[fx.Node] = set(head_nodes) | {out_node}
-        for j in reversed(range(len(cuts))):
-            later.append(set(acc))
-            acc |= set(seg_nodes[j])
-        later.reverse()
+        seg_nodes, head_nodes, handed_on = cut_at(gm, stream)
+        body = [n for ns in seg_nodes for n in ns] + head_nodes
         f = stream[-1]
         segments = []
         for j, ns in enumerate(seg_nodes):
-            wanted = [n for n in ns if any(u in later[j] for u in n.users)]
+            wanted = list(handed_on[j])
             if j == 0:
                 wanted.append(stream[0])
             segments.append(build_piece(gm, f"segment{j}", ns, wanted))
@@ -499,7 +481,7 @@ class EarlyExitForm(Pass):
             pool = build_piece(gm, "pool", pooling.nodes, pooling.outputs)
             post_nodes = live_nodes(head_nodes, head_out, stop=set(pooling.outputs))
             post = build_piece(gm, "post", post_nodes, head_out)
-            post_cost = _linear_cost(post.nodes, blocks.linears)
+            post_cost = linear_cost(post.nodes, blocks.linears)
         whole = build_piece(gm, "whole", body, [o for o in outputs if isinstance(o, fx.Node)])
         # Graph outputs made inside a layer (a decoder's cache) need filling for exited rows.
         fills: list[Any] = []
@@ -553,9 +535,9 @@ class EarlyExitForm(Pass):
             placeholders=[n for n in nodes if n.op == "placeholder"], outputs=outputs,
             stream=stream, segments=segments, head=head, fills=fills, primary=primary,
             signal=signal, batch=batch_nodes, batch_ints=batch_ints, token_level=token_level,
-            segment_cost=[_linear_cost(ns, linears) for ns in seg_nodes],
-            head_cost=_linear_cost(sorted(live_head, key=pos.__getitem__), linears),
-            fill_cost=[_linear_cost(p.nodes, linears) if p is not None else 0.0
+            segment_cost=[linear_cost(ns, linears) for ns in seg_nodes],
+            head_cost=linear_cost(sorted(live_head, key=pos.__getitem__), linears),
+            fill_cost=[linear_cost(p.nodes, linears) if p is not None else 0.0
                        for p in fills],
             static_rows=isinstance(batch, sympy.Integer) and int(batch) > 1, whole=whole,
             pool=pool, post=post, post_cost=post_cost)

@@ -30,9 +30,9 @@ from ...core.registry import register_form
 from ...passes.attention_masks import hoist_mask_conversions
 from ...passes.base import Pass, PassContext
 from ...passes.graph_utils import op_kind, sym, tensor_value, to_nx
-from ...passes.splice import LINEAR_FLOPS
+from ...passes.splice import linear_cost
 from ...passes.stream import clean_cuts, final_state, stream_chain
-from ...program.pieces import Piece, build_piece
+from ...program.pieces import Piece, build_piece, cut_at
 from ...program.rows import node_example
 from .program import TokenGraph, TokenRunner
 
@@ -198,28 +198,17 @@ class TokenForm(Pass):
         if len(stream) < 3:
             return "no block boundary cuts the graph cleanly"
         nodes = list(gm.graph.nodes)
-        pos = {n: i for i, n in enumerate(nodes)}
-        out_node = gm.graph.output_node()
-        raw = out_node.args[0]
+        raw = gm.graph.output_node().args[0]
         outputs = list(raw) if isinstance(raw, (tuple, list)) else [raw]
-        body = [n for n in nodes if n.op not in ("placeholder", "output", "get_attr")]
-        cuts = [pos[b] for b in stream[1:]]
-        seg_nodes: list[list[fx.Node]] = [[] for _ in cuts]
-        head_nodes: list[fx.Node] = []
-        where: dict[fx.Node, int] = {}
-        for n in body:
-            j = next((i for i, c in enumerate(cuts) if pos[n] <= c), None)
-            if j is None:
-                head_nodes.append(n)
-            else:
-                seg_nodes[j].append(n)
-                where[n] = j
+        seg_nodes, head_nodes, handed_on = cut_at(gm, stream)
+        body = [n for ns in seg_nodes for n in ns] + head_nodes
+        where = {n: j for j, ns in enumerate(seg_nodes) for n in ns}
         # Only the stream and values made before the first block may cross into later
         # blocks or the head (merged tokens would not line up with anything else).
         for n, j in where.items():
             if j == 0 or n is stream[j + 1]:
                 continue
-            late = [u for u in n.users if u.op == "output" or where.get(u, len(cuts)) != j]
+            late = [u for u in n.users if u.op == "output" or where.get(u, -1) != j]
             if late:
                 return f"{n.name}, made inside block {j}, is read outside it"
         attention = [a for a in blocks.attention if not a.cross]
@@ -234,17 +223,11 @@ class TokenForm(Pass):
             k = a.k.output if (opts.match_on == "keys" and a.k is not None and
                                not a.fused_qkv and a.k.output in inside) else stream[j + 1]
             keys.append(k)
-        if not any(keys[:-1]) and keys[-1] is None:
+        if not any(keys):
             return "no attention on the stream"
-        later: list[set[fx.Node]] = []
-        acc: set[fx.Node] = set(head_nodes) | {out_node}
-        for j in reversed(range(len(cuts))):
-            later.append(set(acc))
-            acc |= set(seg_nodes[j])
-        later.reverse()
         pieces = []
         for j, ns in enumerate(seg_nodes):
-            wanted = [n for n in ns if any(u in later[j] for u in n.users)]
+            wanted = list(handed_on[j])
             if keys[j] is not None and keys[j] not in wanted:
                 wanted.append(keys[j])
             pieces.append(build_piece(gm, f"block{j}", ns, wanted))
@@ -292,7 +275,7 @@ class TokenForm(Pass):
             if dt is not None:
                 bias_dtype[j] = dt
         linears = blocks.linears
-        linear_cost = [_linear_cost(ns, linears) for ns in seg_nodes]
+        per_token = [linear_cost(ns, linears) for ns in seg_nodes]
         quadratic = [sum(4.0 * a.q.out_features for a in attention
                          if a.core and a.core[0] in set(ns) and a.q is not None)
                      for ns in seg_nodes]
@@ -300,14 +283,6 @@ class TokenForm(Pass):
             placeholders=[n for n in nodes if n.op == "placeholder"], outputs=outputs,
             stream=stream, pieces=pieces, head=head, whole=whole, keys=keys, biased=biased,
             token_inputs=token_inputs, size_ints=size_ints, masks=masks,
-            tokens_symbol=tokens, linear_cost=linear_cost, quadratic_cost=quadratic,
-            head_cost=_linear_cost(head_nodes, linears), protect_first=opts.protect_first,
+            tokens_symbol=tokens, linear_cost=per_token, quadratic_cost=quadratic,
+            head_cost=linear_cost(head_nodes, linears), protect_first=opts.protect_first,
             bias_dtype=bias_dtype)
-
-
-def _linear_cost(nodes: list[fx.Node], linears: dict[fx.Node, Any]) -> float:
-    return float(sum(2 * linears[n].in_features * linears[n].out_features if n in linears
-                     else n.meta.get(LINEAR_FLOPS, 0.0) for n in nodes))
-
-
-
