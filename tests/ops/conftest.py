@@ -2,6 +2,9 @@
 (``-march=native``) and the portable one (AVX2 on x86-64, plain NEON on ARM)."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +48,12 @@ def kernel_build(request, monkeypatch):
     monkeypatch.undo()
     for module in touched:
         _clear_caches(module)
+
+
+def assert_runs_interpreted(code: str) -> None:
+    """Run ``code`` in a fresh interpreter under ``TRITON_INTERPRET=1`` (Triton kernels
+    on the CPU); it must print "ok" last."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]

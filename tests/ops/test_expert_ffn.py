@@ -1,9 +1,5 @@
 """expert_ffn: kernels equal the reference on odd shapes; opcheck; stats; interpreter test."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +14,7 @@ from dyncompile.ops.expert_ffn.reference import (
     expert_ffn_reference,
     expert_widths,
 )
-from tests.ops.conftest import BUILDS
+from tests.ops.conftest import BUILDS, assert_runs_interpreted
 
 op = torch.ops.dyncompile.expert_ffn
 
@@ -396,10 +392,7 @@ print("ok")
 
 
 def test_triton_kernel_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    assert_runs_interpreted(_INTERPRET)
 
 
 @pytest.mark.cuda

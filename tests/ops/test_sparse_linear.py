@@ -1,10 +1,6 @@
 """sparse_linear: kernels equal the reference on odd shapes; interpreter test. (The ops
 built on them, gated_linear and cats_glu, are opchecked in their own tests.)"""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +9,7 @@ from dyncompile.core import stats
 from dyncompile.ops.sparse_linear.cpu import kernel_available, sparse_linear_cpu
 from dyncompile.ops.sparse_linear.kernels import run_cpu, run_cuda
 from dyncompile.ops.sparse_linear.reference import active_rows, sparse_linear_reference
-from tests.ops.conftest import BUILDS
+from tests.ops.conftest import BUILDS, assert_runs_interpreted
 
 
 def op(x, weight_t, bias, threshold):
@@ -177,10 +173,7 @@ print("ok")
 
 
 def test_triton_kernel_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    assert_runs_interpreted(_INTERPRET)
 
 
 @pytest.mark.cuda

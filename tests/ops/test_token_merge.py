@@ -2,10 +2,6 @@
 order; the C++ kernels (both builds) and the Triton kernels (interpreter) equal the
 references on odd shapes and dtypes; fake kernels; opcheck."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -16,6 +12,7 @@ from dyncompile.ops.token_merge.reference import (
     merge_reference,
     unmerge_reference,
 )
+from tests.ops.conftest import assert_runs_interpreted
 
 ops = torch.ops.dyncompile
 needs_kernel = pytest.mark.skipif(not cpu.kernel_available(), reason="no C++ compiler")
@@ -189,10 +186,7 @@ print("ok")
 
 
 def test_triton_kernels_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    assert_runs_interpreted(_INTERPRET)
 
 
 @pytest.mark.cuda
