@@ -60,8 +60,12 @@ class _DenseCost:
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConfig,
                   state: BudgetState | None = None,
-                  capture: list[Snapshot] | None = None) -> Callable:
-    """Run the passes on one dynamo graph and compile it; returns the callable dynamo runs."""
+                  capture: list[Snapshot] | None = None,
+                  inductor_options: dict[str, Any] | None = None) -> Callable:
+    """Run the passes on one dynamo graph and compile it; returns the callable dynamo runs.
+
+    ``inductor_options``: Inductor config patches for the compile (a serving engine's own).
+    """
     state = state or BudgetState(config.budget)
     manager = PassManager.from_config(config)
     ctx = PassContext(config=config, example_inputs=list(example_inputs), state=state)
@@ -103,7 +107,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
     else:
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm, example_inputs)
+        compiled = compile_fx(gm, example_inputs, config_patches=inductor_options or None)
     _stats.count_compile()
 
     deferred = list(ctx.after_first_call)

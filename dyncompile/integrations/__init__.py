@@ -1,0 +1,1 @@
+"""dyncompile inside other engines (each integration imports its engine lazily)."""

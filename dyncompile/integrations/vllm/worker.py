@@ -1,0 +1,198 @@
+"""The worker side: the backend vLLM compiles with, and what the engine's RPCs reach.
+
+One :class:`Engine` per worker process holds the budget states of the graphs this
+worker compiled, the engine's budget, calibration progress and counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from ...backend import compile_graph
+from ...core import stats as _stats
+from ...core.budget import BudgetState
+from ...core.config import DynConfig
+
+log = logging.getLogger("dyncompile")
+
+
+@dataclass
+class Engine:
+    """This worker's dyncompile state (one engine per worker process)."""
+
+    budget: float = 1.0
+    states: list[BudgetState] = field(default_factory=list)
+    rewritten: dict[str, int] = field(default_factory=dict)
+    calibrating: bool = False
+    # First-requests calibration: tokens still to record (0: not collecting).
+    collect_tokens: int = 0
+    calibrated_tokens: int = 0
+    dense_flops: float = 0.0
+    spent_flops: float = 0.0
+    calls: int = 0
+    tokens: int = 0
+
+    @property
+    def calibrated(self) -> bool:
+        return all(not s.pending_calibration() for s in self.states)
+
+    def apply_budget(self) -> None:
+        """Every state at the engine's budget, or dense while a form is uncalibrated."""
+        value = self.budget if self.calibrated else 1.0
+        for s in self.states:
+            s.default = value
+
+    def set_calibrating(self, on: bool) -> None:
+        self.calibrating = on
+        for s in self.states:
+            s.calibrating = on
+
+    def finish_calibration(self) -> None:
+        self.set_calibrating(False)
+        for s in self.states:
+            s.finalize_calibration()
+        self.apply_budget()
+
+
+ENGINE = Engine()
+
+
+def options_of(vllm_config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(dyncompile options, Inductor options) from vLLM's compilation config."""
+    from . import OPTIONS_KEY
+
+    inductor = dict(vllm_config.compilation_config.inductor_compile_config or {})
+    options = inductor.pop(OPTIONS_KEY, None)
+    if options is None:
+        raise ValueError("dyncompile: the compilation config has no dyncompile options; "
+                         "build it with dyncompile.integrations.vllm.config(...)")
+    # Keys vLLM adds for its own compile passes, not Inductor options.
+    inductor = {k: v for k, v in inductor.items() if _is_inductor_option(k)}
+    return dict(options), inductor
+
+
+def _is_inductor_option(key: str) -> bool:
+    from torch._inductor import config as inductor_config
+
+    return key in inductor_config.get_config_copy()
+
+
+def _num_tokens(args: tuple) -> int:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() == 1 and a.dtype in (torch.int32,
+                                                                         torch.int64):
+            return int(a.shape[0])
+    return 0
+
+
+def _real_batch() -> bool:
+    """True inside a forward that serves requests (not vLLM's dummy and profile runs)."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+    except ImportError:  # pragma: no cover - vLLM without these helpers
+        return True
+    if not is_forward_context_available():
+        return False
+    return get_forward_context().attn_metadata is not None
+
+
+def backend(gm: fx.GraphModule, example_inputs: list[Any], *,
+            vllm_config: Any = None) -> Callable:
+    """The Dynamo backend vLLM compiles its model with (see ``config()``)."""
+    if vllm_config is None:
+        raise RuntimeError(
+            "dyncompile: this backend needs vLLM's config: the dyncompile vLLM plugin was "
+            "not loaded (is dyncompile installed in vLLM's environment, and VLLM_PLUGINS "
+            "unset or naming 'dyncompile'?)")
+    options, inductor = options_of(vllm_config)
+    engine = ENGINE
+    engine.budget = float(options.get("budget", 1.0))
+    config = DynConfig(budget=1.0, methods=tuple(options.get("methods", ())),
+                       form_options=options.get("form_options", {}))
+    state = BudgetState(1.0)
+    state.auto_calibrate = False
+    run = compile_graph(gm, example_inputs, config, state, inductor_options=inductor)
+    engine.states.append(state)
+    for form, names in state.rewritten.items():
+        engine.rewritten[form] = engine.rewritten.get(form, 0) + len(names)
+    if options.get("calibrate_first_tokens") and state.pending_calibration():
+        engine.collect_tokens = int(options["calibrate_first_tokens"])
+        log.warning("dyncompile: serving dense while the first %d tokens of real requests "
+                    "calibrate %s", engine.collect_tokens,
+                    ", ".join(state.pending_calibration()))
+    elif state.pending_calibration():
+        log.warning("dyncompile: %s not calibrated: serving dense until "
+                    "dyncompile.integrations.vllm.calibrate(llm, prompts)",
+                    ", ".join(state.pending_calibration()))
+    engine.apply_budget()
+    log.info("dyncompile: rewrote %s", ", ".join(
+        f"{len(v)} {k} sites" for k, v in state.rewritten.items()) or "nothing")
+
+    def call(*args: Any) -> Any:
+        real = _real_batch()
+        collect = engine.collect_tokens > 0 and real and not engine.calibrating
+        if collect:
+            state.calibrating = True
+        token = _stats.begin_call(state.default)
+        try:
+            out = run(*args)
+        finally:
+            if collect:
+                state.calibrating = False
+            call_stats = _stats.end_call(token)
+        if real:
+            n = _num_tokens(args)
+            engine.calls += 1
+            engine.tokens += n
+            engine.dense_flops += call_stats.dense_flops
+            engine.spent_flops += call_stats.spent_flops
+            if collect:
+                engine.calibrated_tokens += n
+                engine.collect_tokens = max(0, engine.collect_tokens - n)
+                if engine.collect_tokens == 0:
+                    engine.finish_calibration()
+                    log.warning("dyncompile: calibrated on the first %d tokens of requests; "
+                                "serving at budget %.3g", engine.calibrated_tokens,
+                                engine.budget)
+        return out
+
+    call._dyn_state = state  # type: ignore[attr-defined]
+    return call
+
+
+# -- what the engine's collective_rpc runs in each worker (first argument: the worker) --
+def rpc_set_budget(_worker: Any, value: float) -> float:
+    ENGINE.budget = float(value)
+    ENGINE.apply_budget()
+    return ENGINE.budget
+
+
+def rpc_calibration(_worker: Any, on: bool) -> dict[str, Any]:
+    """Start (``on``) or finish recording the forms' calibration data."""
+    if on:
+        ENGINE.set_calibrating(True)
+    else:
+        ENGINE.finish_calibration()
+    return rpc_stats(_worker, False)
+
+
+def rpc_stats(_worker: Any, reset: bool) -> dict[str, Any]:
+    e = ENGINE
+    out = {"budget": e.budget, "calibrated": e.calibrated, "rewritten": dict(e.rewritten),
+           "graphs": len(e.states), "calls": e.calls, "tokens": e.tokens,
+           "dense_flops": e.dense_flops, "spent_flops": e.spent_flops,
+           "spent": e.spent_flops / e.dense_flops if e.dense_flops else 1.0}
+    if reset:
+        e.calls = e.tokens = 0
+        e.dense_flops = e.spent_flops = 0.0
+    return out
+
+
+RPC = {"dyncompile_set_budget": rpc_set_budget, "dyncompile_calibration": rpc_calibration,
+       "dyncompile_stats": rpc_stats}
