@@ -46,6 +46,22 @@ def build(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     return model.to(dtype).eval()
 
 
+def save(shape: str, path: str, vocab: int = 32000, seed: int = 0,
+         head_scale: float = 4.0) -> str:
+    """Write a random-init Llama of the named shape to the folder ``path`` (config and
+    safetensors, as a serving engine loads them) and return ``path``.
+
+    ``head_scale`` widens the output head's weights so that greedy tokens are decided
+    by clear logit gaps, not by rounding (engines that sum in a different order, or
+    over shards, then pick the same tokens).
+    """
+    model = build(shape, torch.float32, seed=seed, vocab=vocab)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(path)
+    return path
+
+
 def resident_bytes(module: torch.nn.Module) -> int:
     """Bytes of the parameters and buffers ``module`` holds, each storage counted once."""
     seen: dict[int, int] = {}

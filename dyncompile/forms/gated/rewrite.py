@@ -36,7 +36,7 @@ from ...core.options import choice
 from ...core.registry import register_form
 from ...passes.base import Pass, PassContext
 from ...passes.blocks import FFNBlock
-from ...passes.graph_utils import shape_of
+from ...passes.graph_utils import is_param, shape_of
 from ...passes.linears import LinearSite
 from ...passes.splice import LINEAR_FLOPS, copy_meta, glu_product, replaced_node
 from ...passes.weights import Weights
@@ -62,12 +62,16 @@ class GatedOptions:
         TEAL) or "wina" (smallest |x_i| * ||W[:, i]||, the norm of the weight column the
         channel feeds, as WINA). Applies to ``gated_linear`` sites; ``cats_glu``
         thresholds the gate activation.
+    scope: "blocks" (the linears of detected FFN and attention blocks) or "all" (every
+        linear with a parameter weight, e.g. attention projections around an engine's
+        own attention op, which no attention block describes).
     """
 
     glu: str = choice("teal", "cats")
     allocation: str = choice("uniform", "greedy")
     layout: str = choice("input_major", "as_is")
     criterion: str = choice("magnitude", "wina")
+    scope: str = choice("blocks", "all")
 
 
 class GatedRuntime:
@@ -238,6 +242,10 @@ class GatedForm(Pass):
                 if (s is not None and s not in sites and id(s) not in taken
                         and ctx.owner(s.node) is None and ctx.owner(s.output) is None):
                     sites.append(s)
+        if opts.scope == "all":
+            sites += [s for s in ctx.blocks.linears.values()
+                      if s not in sites and id(s) not in taken and is_param(s.weight)
+                      and ctx.owner(s.node) is None and ctx.owner(s.output) is None]
         self._weights = Weights(gm, ctx, convert=opts.layout == "input_major")
         for site in sites:
             self._rewrite_linear(gm, site, ctx.state.id, runtime)

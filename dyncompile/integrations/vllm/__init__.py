@@ -40,6 +40,8 @@ def config(budget: float = 1.0, methods: Sequence[str] = ("gated",), *,
     budget: the engine's budget, in (0, 1] (each form's share of its own work while
         there is no plan); change it while serving with :func:`set_budget`.
     methods: the forms to apply; inside vLLM: "gated" (and "expert" once fitted).
+    form_options: per-form options as for ``optimize()``; ``gated`` defaults to
+        ``scope="all"`` here (the q/k/v/o projections around vLLM's attention op too).
     calibrate_first_tokens: fit the forms on the first this-many tokens of real
         requests (served dense meanwhile, logged); 0 (default): call :func:`calibrate`.
     inductor: Inductor options for the compile, as vLLM's ``inductor_compile_config``.
@@ -59,8 +61,10 @@ def config(budget: float = 1.0, methods: Sequence[str] = ("gated",), *,
         raise ValueError(f"calibrate_first_tokens must be an int >= 0, got "
                          f"{calibrate_first_tokens!r}")
     os.environ["VLLM_USE_AOT_COMPILE"] = "0"
-    options = {"budget": float(budget), "methods": methods,
-               "form_options": {k: dict(v) for k, v in (form_options or {}).items()},
+    forms = {k: dict(v) for k, v in (form_options or {}).items()}
+    if "gated" in methods:  # vLLM's attention is its own op: gate its projections too
+        forms["gated"] = {"scope": "all", **forms.get("gated", {})}
+    options = {"budget": float(budget), "methods": methods, "form_options": forms,
                "calibrate_first_tokens": calibrate_first_tokens}
     return {"mode": 2, "backend": BACKEND,
             "inductor_compile_config": {**dict(inductor or {}), OPTIONS_KEY: options}}

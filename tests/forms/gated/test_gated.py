@@ -196,3 +196,14 @@ def test_wina_criterion_ranks_channels_by_weight_norm_too():
     # the thresholds are quantiles of the criterion's score, not of |x|
     plain = _optimized("llama")[2].state.forms["gated"]
     assert not torch.allclose(runtime.tables[site], plain.tables[site])
+
+
+def test_scope_all_also_gates_linears_outside_detected_blocks():
+    entry = ZOO["llama"]
+    (blocks,) = capture_passes(entry.build(), entry.inputs(1, 4), methods=["gated"])
+    (every,) = capture_passes(entry.build(), entry.inputs(1, 4), methods=["gated"],
+                              form_options={"gated": {"scope": "all"}})
+    before = every[-2].op_counts["linear"] + every[-2].op_counts["addmm"]
+    assert blocks[-1].op_counts[SPARSE] == 14 < before  # the head stays dense
+    assert every[-1].op_counts[SPARSE] == before  # every linear, the head too
+    assert every[-1].op_counts["linear"] + every[-1].op_counts["addmm"] == 0
