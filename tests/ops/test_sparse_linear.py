@@ -184,3 +184,32 @@ def test_triton_kernel_on_gpu(dtype):
     thr = torch.tensor(0.6)
     ref = sparse_linear_reference(x.float(), wt.float(), b.float(), thr).to(dtype)
     torch.testing.assert_close(op(x, wt, b, thr), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_registered_dense_kernel_runs_the_dense_calls_and_goes_with_the_weight():
+    import gc
+
+    from dyncompile.ops.sparse_linear import kernels
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 40)  # (out, in), as F.linear takes it
+    x, b = torch.randn(3, 40), torch.randn(24)
+    calls, packed = [], w.clone()  # the engine's own copy (a kernel must not hold w)
+
+    def fast(x2, bias):
+        calls.append(x2.shape)
+        return F.linear(x2, packed, bias)
+
+    kernels.register_dense(w, fast)
+    wt = w.t()  # what the forms pass: a view of the same storage
+    y, skipped, _ = run_cpu(x, wt, b, 0.0)
+    assert calls == [(3, 40)] and skipped == 0.0
+    torch.testing.assert_close(y, F.linear(x, w, b))
+    run_cpu(x, torch.randn(40, 24), b, 0.0)  # another weight: F.linear, not the kernel
+    assert len(calls) == 1
+    y, skipped, _ = run_cpu(x, wt, b, 0.5)  # a sparse call does not use it
+    assert len(calls) == 1 and skipped > 0
+    n = len(kernels._DENSE)
+    del w, wt, fast
+    gc.collect()
+    assert len(kernels._DENSE) == n - 1

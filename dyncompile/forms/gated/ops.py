@@ -14,7 +14,6 @@ run the dense product (threshold 0). Budget 1.0 gives threshold 0: dense.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ...core import stats as _stats
 from ...core.budget import get_state
@@ -52,7 +51,7 @@ def _gated_cpu(x, weight_t, bias, state_id, site):
     thr = lookup(state_id, site, x)
     if thr <= 0:  # dense: nothing skipped, every channel active
         _stats.record_op(0.0, ("active_channels", x.numel(), x.numel()))
-        return F.linear(x, weight_t.t(), bias)
+        return _sparse.dense_linear(x, weight_t, bias)
     y, saving, pairs = _sparse.run_cpu(x, weight_t, bias, thr, scale_of(state_id, site))
     _stats.record_op(saving, ("active_channels", pairs, x.numel()))
     return y

@@ -110,6 +110,22 @@ def run(shape: str = "tiny", tp: int = 1, batches: tuple[int, ...] = (1, 8),
     return results
 
 
+def table(runs: list[dict[str, Any]]) -> str:
+    """The results as a markdown table: tokens/s, ratio to vLLM dense, spent fraction."""
+    budgets = [k for k in runs[0]["rows"][0]["tok_s"] if k != "dense"]
+    head = ["TP", "batch", "vLLM dense tok/s"] + [f"{k} tok/s (ratio, spent)" for k in budgets]
+    head.append("budget 1.0 = dense tokens")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        for row in r["rows"]:
+            cells = [str(r["tp"]), str(row["batch"]), f"{row['tok_s']['dense']:.2f}"]
+            cells += [f"{row['tok_s'][k]:.2f} ({row['ratio'][k]:.2f}x, {row['spent'][k]:.2f})"
+                      for k in budgets]
+            cells.append("yes" if row["identical_at_1"] else "no")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shape", default="tiny", help="tiny, 0.5b or 1b (random-init Llama)")
@@ -119,7 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--from-json", default=None, help="print the table of a saved run")
     a = p.parse_args(argv)
+    if a.from_json:
+        with open(a.from_json) as f:
+            saved = json.load(f)
+        print(table(saved["runs"]))
+        return 0
     budgets = tuple(float(b) for b in a.budgets.split(","))
     batches = tuple(int(b) for b in a.batches.split(","))
     all_runs = []
@@ -130,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"meta": meta, "runs": all_runs}, f, indent=1)
+    print(table(all_runs))
     first = all_runs[0]["rows"][0]
     half = next((b for b in budgets if b == 0.5), budgets[-1])
     key = f"dyn@{half:g}"

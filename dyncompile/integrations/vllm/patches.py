@@ -7,7 +7,9 @@
 * ``dispatch_cpu_unquantized_gemm`` (CPU): vLLM prepacks each linear's weight for
   oneDNN and frees the plain weight, so its graph shows opaque ``onednn_mm`` calls;
   for a dyncompile engine the weight stays a parameter used by ``F.linear`` (in the
-  input-major memory order the sparse kernels read), so the forms see linears.
+  input-major memory order the sparse kernels read), so the forms see linears, and
+  vLLM's prepacked GEMM is kept too, for the calls that run dense (the weights are
+  then held twice).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import logging
 from typing import Any
 
 import torch
+
+from ...ops.sparse_linear.kernels import register_dense
 
 log = logging.getLogger("dyncompile")
 _MARK = "_dyncompile_patched"
@@ -84,8 +88,11 @@ def install() -> None:
             if (not _ours(_current_config()) or weight is None or weight.is_meta
                     or weight.dim() != 2):
                 return dispatch(layer, remove_weight)
+            dispatch(layer, False)  # vLLM's own (prepacked) GEMM, the weight kept
+            fast = layer.cpu_linear
             with torch.no_grad():  # input-major memory: an input channel is one row
                 weight.data = weight.data.t().contiguous().t()
+            register_dense(weight, lambda x, bias, fast=fast: fast(x, None, bias))
             layer.cpu_linear = _linear
 
         setattr(keep_linear, _MARK, True)

@@ -10,6 +10,9 @@ threshold for the budget in force.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +28,32 @@ SPARSE_MAX_ACTIVE = 0.85
 SPARSE_ALWAYS_TOKENS = 8
 
 
+# Dense kernels an engine already holds for a weight (e.g. a GEMM on weights it prepacked),
+# keyed by the weight's storage: calls that run dense use them instead of F.linear.
+DenseKernel = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+_DENSE: dict[tuple[int, int], DenseKernel] = {}
+
+
+def _key(weight: torch.Tensor) -> tuple[int, int]:
+    return weight.untyped_storage().data_ptr(), weight.numel()
+
+
+def register_dense(weight: torch.Tensor, fn: DenseKernel) -> None:
+    """Use ``fn(x, bias)`` (= ``F.linear(x, weight, bias)``) for dense calls on ``weight``
+    (or any view of its storage, e.g. the transposed weight the forms pass); dropped with
+    the weight (``fn`` must not hold ``weight`` itself, or neither is ever freed)."""
+    key = _key(weight)
+    _DENSE[key] = fn
+    weakref.finalize(weight, _DENSE.pop, key, None)
+
+
+def dense_linear(x: torch.Tensor, weight_t: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight_t + bias`` through the weight's registered dense kernel, if any."""
+    fn = _DENSE.get(_key(weight_t)) if _DENSE else None
+    return fn(x, bias) if fn is not None else F.linear(x, weight_t.t(), bias)
+
+
 def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
             thr: float, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
     """The CPU kernel with a Python float threshold on ``|x| * scale``: ``(y, FLOPs
@@ -35,7 +64,7 @@ def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
     dense = 2.0 * n * n_in * n_out
     if thr <= 0 or n == 0 or x.dtype not in KERNEL_DTYPES:
         mask = score(x2, scale) >= thr if thr > 0 else None
-        y = F.linear(x2 * mask if mask is not None else x2, weight_t.t(), bias)
+        y = dense_linear(x2 * mask if mask is not None else x2, weight_t, bias)
         pairs = n * n_in if mask is None else float(mask.sum())
         spent = dense
     else:
