@@ -192,7 +192,7 @@ def test_registered_dense_kernel_runs_the_dense_calls_and_goes_with_the_weight()
     from dyncompile.ops.sparse_linear import kernels
 
     torch.manual_seed(0)
-    w = torch.randn(24, 40)  # (out, in), as F.linear takes it
+    w = torch.randn(40, 24).t()  # (out, in) as F.linear takes it, input-major memory
     x, b = torch.randn(3, 40), torch.randn(24)
     calls, packed = [], w.clone()  # the engine's own copy (a kernel must not hold w)
 
