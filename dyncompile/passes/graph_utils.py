@@ -395,3 +395,25 @@ def number_nodes(graph: fx.Graph) -> None:
 
 def position(node: fx.Node) -> int:
     return node.meta.get("dyn_index", 0)
+
+
+def mutates(node: fx.Node) -> bool:
+    """True for a node that writes into one of its inputs (``x.masked_fill_(...)``,
+    ``torch.relu_(x)``, an op whose schema marks a mutated argument): its result may be
+    unused, yet it must stay."""
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") \
+            and not node.target.startswith("_")
+    if node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """``graph.eliminate_dead_code()`` that keeps in-place writes whose result is unused
+    (FX's default drops ``x.masked_fill_(m, 0)`` when nothing reads its return value)."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates(n))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .graph_utils import node_value
+from .graph_utils import eliminate_dead_code, node_value
 
 
 def _additive(mask: torch.Tensor | None, is_bool: bool, like: torch.Tensor) -> torch.Tensor | None:
@@ -232,7 +232,7 @@ def _expand_round(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         count += 1
     if count:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.recompile()
         propagate_shapes(gm)
     return count

@@ -93,8 +93,6 @@ def test_tp1_budget_one_equals_vllm_dense_and_compute_falls(model_dir, calibrati
                       _first_requests)
 
 
-@pytest.mark.xfail(strict=True, reason="at TP=2 the gated engine's greedy tokens differ from "
-                   "vLLM's own TP=2 tokens even at budget 1.0 (open in the serving issue)")
 def test_tp2_budget_one_equals_vllm_dense_and_compute_falls(model_dir, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     _check_engine(model_dir, 2, dynv.config(methods=["gated"]), _explicit)

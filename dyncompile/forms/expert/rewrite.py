@@ -38,7 +38,7 @@ from ...ops.expert_ffn.reference import ACTIVATIONS, apply_activation, expert_wi
 from ...ops.expert_route.cpu import native_bf16, route_lane, route_mask, router_scores
 from ...passes.base import Pass, PassContext
 from ...passes.blocks import FFNBlock
-from ...passes.graph_utils import op_kind, shape_of
+from ...passes.graph_utils import eliminate_dead_code, op_kind, shape_of
 from ...passes.linears import LinearSite
 from ...passes.splice import LINEAR_FLOPS, copy_meta, glu_product, replaced_node
 from ...passes.weights import Weights
@@ -489,7 +489,7 @@ class ExpertForm(Pass):
                 done.append(block.name or block.output.name)
                 ctx.claim(self.name, [*block.nodes, *(s.node for s in block.up),
                                       block.down.node if block.down else None])
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.recompile()
         gm.meta["dyn_expert_sites"] = [s for s in runtime.sites]
         ctx.log.append(f"expert: rewrote {len(done)} of {len(ctx.blocks.ffn)} FFNs")

@@ -36,7 +36,7 @@ from ...core.options import choice
 from ...core.registry import register_form
 from ...passes.base import Pass, PassContext
 from ...passes.blocks import FFNBlock
-from ...passes.graph_utils import is_param, shape_of
+from ...passes.graph_utils import eliminate_dead_code, is_param, shape_of
 from ...passes.linears import LinearSite
 from ...passes.splice import LINEAR_FLOPS, copy_meta, glu_product, replaced_node
 from ...passes.weights import Weights
@@ -252,7 +252,7 @@ class GatedForm(Pass):
             ctx.claim(self.name, [site.node, site.output])
         for m in cats:
             self._rewrite_cats(gm, m, ctx.state.id, runtime)
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.recompile()
         gm.meta["dyn_gated_sites"] = [s.weight_name for s in sites]
         gm.meta["dyn_cats_sites"] = [m.down.weight_name for m in cats]
