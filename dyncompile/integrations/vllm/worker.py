@@ -73,14 +73,11 @@ def options_of(vllm_config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError("dyncompile: the compilation config has no dyncompile options; "
                          "build it with dyncompile.integrations.vllm.config(...)")
     # Keys vLLM adds for its own compile passes, not Inductor options.
-    inductor = {k: v for k, v in inductor.items() if _is_inductor_option(k)}
-    return dict(options), inductor
-
-
-def _is_inductor_option(key: str) -> bool:
     from torch._inductor import config as inductor_config
 
-    return key in inductor_config.get_config_copy()
+    known = inductor_config.get_config_copy()
+    inductor = {k: v for k, v in inductor.items() if k in known}
+    return dict(options), inductor
 
 
 def _num_tokens(args: tuple) -> int:
@@ -93,13 +90,10 @@ def _num_tokens(args: tuple) -> int:
 
 def _real_batch() -> bool:
     """True inside a forward that serves requests (not vLLM's dummy and profile runs)."""
-    try:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-    except ImportError:  # pragma: no cover - vLLM without these helpers
-        return True
-    if not is_forward_context_available():
-        return False
-    return get_forward_context().attn_metadata is not None
+    from vllm import forward_context as fc  # loaded by then: a lookup per forward
+
+    return fc.is_forward_context_available() and fc.get_forward_context().attn_metadata \
+        is not None
 
 
 def backend(gm: fx.GraphModule, example_inputs: list[Any], *,
