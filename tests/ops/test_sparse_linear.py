@@ -207,9 +207,42 @@ def test_registered_dense_kernel_runs_the_dense_calls_and_goes_with_the_weight()
     torch.testing.assert_close(y, F.linear(x, w, b))
     run_cpu(x, torch.randn(40, 24), b, 0.0)  # another weight: F.linear, not the kernel
     assert len(calls) == 1
-    y, skipped, _ = run_cpu(x, wt, b, 0.5)  # a sparse call does not use it
+    y, skipped, _ = run_cpu(x[:1], wt, b, 0.5)  # a call that walks its rows does not use it
     assert len(calls) == 1 and skipped > 0
     n = len(kernels._DENSE)
     del w, wt, fast
     gc.collect()
     assert len(kernels._DENSE) == n - 1
+
+
+def test_registered_dense_kernel_takes_the_batched_calls_whose_union_is_wide():
+    from dyncompile.ops.sparse_linear import kernels
+
+    torch.manual_seed(1)
+    w = torch.randn(37, 40).t().contiguous().t()  # (out 37, in 40), input-major memory
+    b = torch.randn(37)
+    calls = []
+
+    def fast(x2, bias):
+        calls.append(x2.clone())
+        return F.linear(x2, w.detach().clone(), bias)
+
+    kernels.register_dense(w, fast)
+    wt = w.t()
+    x = torch.randn(8, 40)  # |x| >= 0.67 on about half the pairs: the union of 8 is ~all
+    thr = 0.67
+    y, skipped, pairs = run_cpu(x, wt, b, thr)
+    kept = x * (x.abs() >= thr)
+    assert len(calls) == 1 and skipped == 0.0 and pairs == float((kept != 0).sum())
+    torch.testing.assert_close(calls[0], kept)  # the engine's GEMM gets the masked input
+    torch.testing.assert_close(y, sparse_linear_reference(x, wt, b, thr))
+    # one token walks its rows whatever its union; the engine kernel is not called
+    y1, skipped1, _ = run_cpu(x[:1], wt, b, thr)
+    assert len(calls) == 1 and skipped1 > 0
+    torch.testing.assert_close(y1, sparse_linear_reference(x[:1], wt, b, thr))
+    # a narrow union at 8 tokens still walks (same channels active in every token)
+    xs = x.clone()
+    xs[:, 12:] = 0
+    y8, skipped8, _ = run_cpu(xs, wt, b, thr)
+    assert len(calls) == 1 and skipped8 > 0
+    torch.testing.assert_close(y8, sparse_linear_reference(xs, wt, b, thr))

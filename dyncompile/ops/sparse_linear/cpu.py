@@ -13,13 +13,14 @@ after); if no compiler is available a torch fallback gathers the active rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..cpp_extension import InlineExtension
 
-_EXT = InlineExtension("dyncompile_sparse_linear_v8",
+_EXT = InlineExtension("dyncompile_sparse_linear_v9",
                        Path(__file__).with_name("sparse_linear.cpp"), ["sparse_linear_fwd"],
                        ("-O3", "-march=native"))
 
@@ -33,14 +34,16 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
                       threshold: float, max_tokens: int, max_active: float,
-                      rows_always: int = 0, scale: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, int, int, bool]:
+                      rows_always: int = 0, scale: torch.Tensor | None = None,
+                      dense: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+                      | None = None) -> tuple[torch.Tensor, int, int, bool]:
     """(y, union of active channels, active (token, channel) pairs, rows skipped?).
 
     Skips rows when there are at most ``max_tokens`` tokens and the union of
     active channels is at most ``max_active`` of the width (or there are at
     most ``rows_always`` tokens, where walking the rows beats a GEMM even when
-    all are active); otherwise runs one dense GEMM on the masked input. With ``scale``
+    all are active); otherwise runs one dense GEMM on the masked input: ``dense(kept,
+    bias)`` if given (an engine's own kernel for this weight), else torch's. With ``scale``
     (fp32, one per input channel) a channel is active where ``|x| * scale >= threshold``.
     """
     mod = _EXT.load() if x2d.dtype in KERNEL_DTYPES and weight_t.dtype in KERNEL_DTYPES else None
@@ -48,7 +51,9 @@ def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Ten
         y, k, pairs, sparse = mod.sparse_linear_fwd(
             x2d, weight_t, bias if bias is not None else _NONE,
             scale if scale is not None else _NONE, threshold, max_tokens, max_active,
-            rows_always)
+            rows_always, dense is None)
+        if not sparse and dense is not None:
+            y = dense(y.to(weight_t.dtype), bias).to(x2d.dtype)
         return y, int(k), int(pairs), bool(sparse)
     mask = (x2d.abs() * scale if scale is not None else x2d.abs()) >= threshold
     on = mask.any(0)
@@ -60,7 +65,8 @@ def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Ten
         y = kept.index_select(1, idx).float() @ weight_t.index_select(0, idx).float()
         y = y + bias.float() if bias is not None else y
         return y.to(x2d.dtype), k, pairs, True
-    y = torch.nn.functional.linear(kept, weight_t.t(), bias)
+    y = (dense(kept, bias) if dense is not None
+         else torch.nn.functional.linear(kept, weight_t.t(), bias))
     return y.to(x2d.dtype), k, pairs, False
 
 

@@ -66,9 +66,12 @@ static void accumulate_rows(const W* wp, const std::vector<int64_t>& idx,
 // bf16 or fp16; x in any of those; scale fp32 [in] or empty (all ones); the sum in fp32,
 // y in x's dtype.
 // Returns (y, union of active channels, active (token, channel) pairs, sparse path taken).
+// Without `gemm`, a call that does not skip rows returns the masked input (fp32) in place
+// of y, for the caller's own dense kernel.
 std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
     torch::Tensor x, torch::Tensor wt, torch::Tensor bias, torch::Tensor scale,
-    double threshold, int64_t max_tokens, double max_active, int64_t rows_always) {
+    double threshold, int64_t max_tokens, double max_active, int64_t rows_always,
+    bool gemm) {
   TORCH_CHECK(x.dim() == 2 && wt.dim() == 2 && x.size(1) == wt.size(0));
   const auto wtype = wt.scalar_type();
   TORCH_CHECK(wtype == at::kFloat || wtype == at::kBFloat16 || wtype == at::kHalf,
@@ -103,6 +106,7 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
   const int64_t k = static_cast<int64_t>(idx.size());
   // Up to rows_always tokens the row walk beats a GEMM even with every row active.
   if (n > max_tokens || (k > max_active * in && n > rows_always) || !wt.is_contiguous()) {
+    if (!gemm) return std::make_tuple(kept_t, k, pairs, false);
     auto kept = kept_t.to(wtype);
     auto y = has_bias ? at::addmm(bias.to(wtype), kept, wt) : at::mm(kept, wt);
     return std::make_tuple(y.to(out_type), k, pairs, false);
