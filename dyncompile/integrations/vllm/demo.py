@@ -26,6 +26,22 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[dict[str, list[
             for _ in range(n)]
 
 
+def _bind_workers(tp: int) -> None:
+    """One share of this machine's cores per tensor-parallel worker (vLLM on CPU wants a
+    binding for TP > 1), unless ``VLLM_CPU_OMP_THREADS_BIND`` is already set."""
+    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < tp:
+            raise SystemExit(f"--tp {tp} needs at least {tp} cores; this machine has "
+                             f"{len(cores)}")
+        share = len(cores) // tp
+        parts = [cores[i * share:(i + 1) * share] for i in range(tp)]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            ",".join(str(c) for c in part) for part in parts)
+        print(f"VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']}",
+              flush=True)
+
+
 def _engine(path: str, tp: int, compilation_config: dict[str, Any] | None, max_len: int,
             max_seqs: int) -> Any:
     from vllm import LLM
@@ -71,6 +87,7 @@ def run(shape: str = "tiny", tp: int = 1, batches: tuple[int, ...] = (1, 8),
         save(shape, path, vocab=vocab)
     max_seqs = max(batches)
     max_len = prompt_len + tokens + 64
+    _bind_workers(tp)
     print(f"starting vLLM dense (tp={tp})", flush=True)
     dense = _engine(path, tp, None, max_len, max_seqs)
     print(f"starting vLLM + dyncompile (tp={tp})", flush=True)
