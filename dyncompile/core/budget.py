@@ -16,7 +16,10 @@ import itertools
 import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from .config import validate_budget
 
@@ -82,6 +85,26 @@ def current_override() -> tuple[str, float] | None:
     return _OVERRIDE.get()
 
 
+@dataclass(frozen=True)
+class RowBudgets:
+    """Budgets per token row of one call: the distinct ``levels`` and, for each row of
+    the call's tokens (flattened to 2-D), the position of its level in ``levels``."""
+
+    levels: tuple[float, ...]
+    index: torch.Tensor  # int64 [rows]
+
+    @staticmethod
+    def of(budgets: Any) -> RowBudgets:
+        """From one budget per row (a sequence or a 1-D tensor), each in (0, 1]."""
+        values = [float(b) for b in (budgets.tolist() if isinstance(budgets, torch.Tensor)
+                                     else budgets)]
+        levels = tuple(sorted(set(values)))
+        for b in levels:
+            validate_budget(b)
+        at = {b: i for i, b in enumerate(levels)}
+        return RowBudgets(levels, torch.tensor([at[b] for b in values], dtype=torch.int64))
+
+
 class BudgetState:
     """Budget shared by the graphs of one compiled model.
 
@@ -101,6 +124,10 @@ class BudgetState:
         self.forced: dict[str, float] | None = None
         # Each form's knob for the running call.
         self.knobs: dict[str, float] = {}
+        # Budgets per token row for the running call (an engine serving requests that
+        # carry their own budgets), or None: every row at ``value``. Forms that support
+        # it read ``row_knobs``; the others run the call at ``value``.
+        self.rows: RowBudgets | None = None
         self.lock = threading.RLock()
         self.calibrating = False
         # Calibrate on a graph's first inputs when nothing else will (the bare backend);
@@ -145,6 +172,19 @@ class BudgetState:
     def knob(self, form: str) -> float:
         """The knob of ``form`` for the running call (1.0: dense)."""
         return self.knobs.get(form, self.value)
+
+    def row_knobs(self, form: str) -> list[float] | None:
+        """The knob of ``form`` at each of ``rows.levels`` (None: no per-row budgets, or
+        a calibration or planning run forcing the knobs)."""
+        if self.rows is None or self.forced is not None:
+            return None
+        if self.plan is None:
+            return list(self.rows.levels)
+        out = []
+        for level in self.rows.levels:
+            value, knobs = self.plan.resolve("budget", level)
+            out.append(knobs.get(form, value))
+        return out
 
     def form(self, name: str, factory: Callable[[], Any]) -> Any:
         """The runtime data of one form (thresholds, routers...), created on first use."""

@@ -246,3 +246,27 @@ def test_registered_dense_kernel_takes_the_batched_calls_whose_union_is_wide():
     y8, skipped8, _ = run_cpu(xs, wt, b, thr)
     assert len(calls) == 1 and skipped8 > 0
     torch.testing.assert_close(y8, sparse_linear_reference(xs, wt, b, thr))
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [2, 5, 12, 40])
+def test_one_threshold_per_row(build, dtype, tokens, kernel_build):
+    """Rows masked at their own thresholds (0: dense row), on the row walk and the GEMM
+    path: each row equals the reference at its threshold alone."""
+    from dyncompile.ops.sparse_linear import cpu
+
+    kernel_build(cpu, build)
+    x, wt, b = _case(tokens, 67, 45, seed=tokens)
+    x, wt, b = x.to(dtype), wt.to(dtype), b.to(dtype)
+    thr = torch.tensor([(0.0, 0.4, 1.2)[i % 3] for i in range(tokens)])
+    y, skipped, pairs = run_cpu(x, wt, b, thr)
+    mask = x.float().abs() >= thr[:, None]
+    assert pairs == float(mask.sum())
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    for i in range(tokens):
+        ref = sparse_linear_reference(x[i:i + 1], wt, b, float(thr[i]))
+        torch.testing.assert_close(y[i:i + 1].float(), ref.float(), **tol)
+    torch.testing.assert_close(y.float(), sparse_linear_reference(x, wt, b, thr).float(), **tol)
+    with pytest.raises(ValueError, match="row thresholds"):
+        run_cpu(x, wt, b, thr[:-1])

@@ -2,7 +2,8 @@
 
 A random-init Llama written from a config; vLLM's own dense engine is the reference:
 at budget 1.0 the greedy tokens are identical, at TP=1 and TP=2; below it each worker
-spends less; the budget changes while serving without a recompile.
+spends less; the budget changes while serving without a recompile; requests carry
+their own budgets through one batch.
 """
 
 import random
@@ -70,6 +71,17 @@ def _check_engine(model_dir, tp, dyn_config, calibrate):
         assert all(0.3 < w["spent"] < 0.85 for w in spent), spent
         dynv.set_budget(llm, 1.0)
         assert _tokens(llm, prompts) == reference
+        # Per-request budgets in one batch: requests 1 and 3 at 0.3, the others at the
+        # engine's 1.0: those keep vLLM's dense tokens; the kept pairs fall in between.
+        dynv.stats(llm, reset=True)
+        sp = [vllm.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                  detokenize=False,
+                                  extra_args=dynv.request_budget(0.3) if i % 2 else None)
+              for i in range(len(prompts))]
+        mixed = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp,
+                                                                     use_tqdm=False)]
+        assert mixed[0] == reference[0] and mixed[2] == reference[2]
+        assert all(0.45 < w["active"] < 0.95 for w in dynv.stats(llm)), dynv.stats(llm)
         assert all(w["graphs"] == 1 for w in dynv.stats(llm))  # no recompile
     finally:
         _close(llm)

@@ -28,8 +28,9 @@ from .thresholds import lookup, peek, scale_of
 
 def gated_linear_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
                            state_id: int, site: str) -> torch.Tensor:
-    """``sparse_linear(x, weight_t, bias, threshold of site for the budget in force)``."""
-    thr = lookup(state_id, site, x)
+    """``sparse_linear(x, weight_t, bias, threshold of site for the budget in force)``
+    (per token row with per-row budgets in force)."""
+    thr = lookup(state_id, site, x, rows=True)
     return sparse_linear_reference(x, weight_t, bias, thr, scale_of(state_id, site))
 
 
@@ -48,8 +49,9 @@ def _(x, weight_t, bias, state_id, site):
 
 
 def _gated_cpu(x, weight_t, bias, state_id, site):
-    thr = lookup(state_id, site, x)
-    if thr <= 0:  # dense: nothing skipped, every channel active
+    thr = lookup(state_id, site, x, rows=True)
+    # dense: nothing skipped, every channel active
+    if not isinstance(thr, torch.Tensor) and thr <= 0:
         _stats.record_op(0.0, ("active_channels", x.numel(), x.numel()))
         return _sparse.dense_linear(x, weight_t, bias)
     y, saving, pairs = _sparse.run_cpu(x, weight_t, bias, thr, scale_of(state_id, site))
@@ -58,10 +60,11 @@ def _gated_cpu(x, weight_t, bias, state_id, site):
 
 
 def _gated_cuda(x, weight_t, bias, state_id, site):  # pragma: no cover - needs a GPU
-    thr = lookup(state_id, site, x)
-    y, saving, pairs = _sparse.run_cuda(x, weight_t, bias, thr, count=thr > 0,
+    thr = lookup(state_id, site, x, rows=True)
+    on = isinstance(thr, torch.Tensor) or thr > 0
+    y, saving, pairs = _sparse.run_cuda(x, weight_t, bias, thr, count=on,
                                         scale=scale_of(state_id, site))
-    if thr > 0:
+    if on:
         _stats.record_op(saving, ("active_channels", pairs, x.numel()))
     return y
 

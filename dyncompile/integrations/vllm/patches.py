@@ -4,6 +4,9 @@
   Inductor options travel there).
 * ``WorkerBase``: the methods the engine's ``collective_rpc`` calls by name
   (``dyncompile_set_budget``, ``dyncompile_calibration``, ``dyncompile_stats``).
+* ``GPUModelRunner._prepare_inputs`` (also the CPU runner's): after vLLM lays out a
+  step's tokens, the budgets its requests carry (``SamplingParams.extra_args``, see
+  ``request_budget``) are noted per token row for the step's forward.
 * ``dispatch_cpu_unquantized_gemm`` (CPU): vLLM prepacks each linear's weight for
   oneDNN and frees the plain weight, so its graph shows opaque ``onednn_mm`` calls;
   for a dyncompile engine the weight stays a parameter used by ``F.linear`` (in the
@@ -75,6 +78,7 @@ def install() -> None:
         if not hasattr(WorkerBase, name):
             setattr(WorkerBase, name, fn)
 
+    _patch_runner()
     try:
         from vllm.model_executor.layers import utils as layer_utils
     except ImportError:  # pragma: no cover
@@ -101,3 +105,37 @@ def install() -> None:
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def _patch_runner() -> None:
+    """Note each step's per-request budgets, in the order vLLM lays out its tokens."""
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:  # pragma: no cover - another vLLM layout
+        log.warning("dyncompile: vLLM's model runner not found: per-request budgets off")
+        return
+    original = getattr(GPUModelRunner, "_prepare_inputs", None)
+    if original is None or getattr(original, _MARK, False):
+        return
+    from .worker import ENGINE
+
+    @functools.wraps(original)
+    def prepare_inputs(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, scheduler_output, *args, **kwargs)
+        if ENGINE.states:
+            req_ids = self.input_batch.req_ids
+            ENGINE.note_requests(
+                [_budget_of(self.requests.get(r)) for r in req_ids],
+                [int(scheduler_output.num_scheduled_tokens[r]) for r in req_ids])
+        return out
+
+    setattr(prepare_inputs, _MARK, True)
+    GPUModelRunner._prepare_inputs = prepare_inputs
+
+
+def _budget_of(request: Any) -> Any:
+    from . import REQUEST_KEY
+
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    return extra.get(REQUEST_KEY)

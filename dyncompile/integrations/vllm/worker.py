@@ -16,8 +16,9 @@ from torch import fx
 
 from ...backend import compile_graph
 from ...core import stats as _stats
-from ...core.budget import BudgetState
-from ...core.config import DynConfig
+from ...core.budget import BudgetState, RowBudgets
+from ...core.budget import budget as budget_override
+from ...core.config import DynConfig, validate_budget
 
 log = logging.getLogger("dyncompile")
 
@@ -37,6 +38,11 @@ class Engine:
     spent_flops: float = 0.0
     calls: int = 0
     tokens: int = 0
+    active: float = 0.0  # gated sites: active (token, channel) pairs, and all pairs
+    channels: float = 0.0
+    # The running step's requests: (own budget or None, token rows) in vLLM's layout.
+    requests: list[tuple[float | None, int]] | None = None
+    _rows: tuple[int, RowBudgets | float | None] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -52,6 +58,43 @@ class Engine:
         self.calibrating = on
         for s in self.states:
             s.calibrating = on
+
+    def note_requests(self, budgets: list[Any], tokens: list[int]) -> None:
+        """The next forward's requests: each one's own budget (None: the engine's) and
+        its number of token rows, in the order vLLM lays the rows out."""
+        self._rows = None
+        if all(b is None for b in budgets):
+            self.requests = None
+            return
+        own: list[float | None] = []
+        for b in budgets:
+            try:
+                own.append(None if b is None else validate_budget(b))
+            except ValueError as e:
+                log.warning("dyncompile: a request's budget is ignored (%s)", e)
+                own.append(None)
+        self.requests = list(zip(own, tokens))
+
+    def rows_for(self, n: int) -> RowBudgets | float | None:
+        """What a forward over ``n`` token rows runs at: per-row budgets, one budget other
+        than the engine's, or None (the engine's budget)."""
+        if self.requests is None or not self.calibrated:
+            return None
+        if self._rows is not None and self._rows[0] == n:
+            return self._rows[1]
+        per_row: list[float] = []
+        for b, t in self.requests:
+            per_row.extend([self.budget if b is None else b] * t)
+        per_row = (per_row + [self.budget] * n)[:n]  # padding rows: the engine's budget
+        levels = set(per_row)
+        got: RowBudgets | float | None
+        if len(levels) > 1:
+            got = RowBudgets.of(per_row)
+        else:
+            level = levels.pop() if levels else self.budget
+            got = None if level == self.budget else level
+        self._rows = (n, got)
+        return got
 
     def finish_calibration(self) -> None:
         self.set_calibrating(False)
@@ -131,21 +174,33 @@ def backend(gm: fx.GraphModule, example_inputs: list[Any], *,
     def call(*args: Any) -> Any:
         real = _real_batch()
         collect = engine.collect_tokens > 0 and real and not engine.calibrating
+        n = _num_tokens(args) if real else 0
+        rows = engine.rows_for(n) if real and not collect else None
         if collect:
             state.calibrating = True
         token = _stats.begin_call(state.default)
         try:
-            out = run(*args)
+            if isinstance(rows, RowBudgets):
+                state.rows = rows
+                out = run(*args)
+            elif rows is not None:  # every request at one budget of its own
+                with budget_override(rows):
+                    out = run(*args)
+            else:
+                out = run(*args)
         finally:
+            state.rows = None
             if collect:
                 state.calibrating = False
             call_stats = _stats.end_call(token)
         if real:
-            n = _num_tokens(args)
             engine.calls += 1
             engine.tokens += n
             engine.dense_flops += call_stats.dense_flops
             engine.spent_flops += call_stats.spent_flops
+            active, channels = call_stats.counters.get("active_channels", (0.0, 0.0))
+            engine.active += active
+            engine.channels += channels
             if collect:
                 engine.calibrated_tokens += n
                 engine.collect_tokens = max(0, engine.collect_tokens - n)
@@ -181,10 +236,11 @@ def rpc_stats(_worker: Any, reset: bool) -> dict[str, Any]:
     out = {"budget": e.budget, "calibrated": e.calibrated, "rewritten": dict(e.rewritten),
            "graphs": len(e.states), "calls": e.calls, "tokens": e.tokens,
            "dense_flops": e.dense_flops, "spent_flops": e.spent_flops,
-           "spent": e.spent_flops / e.dense_flops if e.dense_flops else 1.0}
+           "spent": e.spent_flops / e.dense_flops if e.dense_flops else 1.0,
+           "active": e.active / e.channels if e.channels else 1.0}
     if reset:
         e.calls = e.tokens = 0
-        e.dense_flops = e.spent_flops = 0.0
+        e.dense_flops = e.spent_flops = e.active = e.channels = 0.0
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ..cpp_extension import InlineExtension
 
-_EXT = InlineExtension("dyncompile_sparse_linear_v9",
+_EXT = InlineExtension("dyncompile_sparse_linear_v10",
                        Path(__file__).with_name("sparse_linear.cpp"), ["sparse_linear_fwd"],
                        ("-O3", "-march=native"))
 
@@ -33,7 +33,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                      threshold: float, max_tokens: int, max_active: float,
+                      threshold: float | torch.Tensor, max_tokens: int, max_active: float,
                       rows_always: int = 0, scale: torch.Tensor | None = None,
                       dense: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
                       | None = None) -> tuple[torch.Tensor, int, int, bool]:
@@ -45,17 +45,21 @@ def sparse_linear_cpu(x2d: torch.Tensor, weight_t: torch.Tensor, bias: torch.Ten
     all are active); otherwise runs one dense GEMM on the masked input: ``dense(kept,
     bias)`` if given (an engine's own kernel for this weight), else torch's. With ``scale``
     (fp32, one per input channel) a channel is active where ``|x| * scale >= threshold``.
+    ``threshold`` may be a tensor of one threshold per token (row of ``x2d``).
     """
+    rows = threshold if isinstance(threshold, torch.Tensor) else None
     mod = _EXT.load() if x2d.dtype in KERNEL_DTYPES and weight_t.dtype in KERNEL_DTYPES else None
     if mod is not None:
         y, k, pairs, sparse = mod.sparse_linear_fwd(
             x2d, weight_t, bias if bias is not None else _NONE,
-            scale if scale is not None else _NONE, threshold, max_tokens, max_active,
-            rows_always, dense is None)
+            scale if scale is not None else _NONE, 0.0 if rows is not None else threshold,
+            max_tokens, max_active, rows_always, dense is None,
+            rows.float() if rows is not None else _NONE)
         if not sparse and dense is not None:
             y = dense(y.to(weight_t.dtype), bias).to(x2d.dtype)
         return y, int(k), int(pairs), bool(sparse)
-    mask = (x2d.abs() * scale if scale is not None else x2d.abs()) >= threshold
+    thr = rows.float().reshape(-1, 1) if rows is not None else threshold
+    mask = (x2d.abs().float() * scale if scale is not None else x2d.abs().float()) >= thr
     on = mask.any(0)
     k, pairs = int(on.sum()), int(mask.sum())
     kept = (x2d * mask).to(weight_t.dtype)

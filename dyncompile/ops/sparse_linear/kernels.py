@@ -66,15 +66,24 @@ def dense_linear(x: torch.Tensor, weight_t: torch.Tensor,
 
 
 def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-            thr: float, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
-    """The CPU kernel with a Python float threshold on ``|x| * scale``: ``(y, FLOPs
-    skipped, kept (token, channel) pairs)``."""
+            thr: float | torch.Tensor, scale: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, float, float]:
+    """The CPU kernel with a threshold on ``|x| * scale``: ``(y, FLOPs skipped, kept
+    (token, channel) pairs)``. ``thr`` is a Python float, or an fp32 tensor of one
+    threshold per token (row of ``x`` flattened to 2-D)."""
     n_in, n_out = weight_t.shape
     x2 = x.reshape(-1, n_in)
     n = x2.shape[0]
     dense = 2.0 * n * n_in * n_out
-    if thr <= 0 or n == 0 or x.dtype not in KERNEL_DTYPES:
-        mask = score(x2, scale) >= thr if thr > 0 else None
+    if isinstance(thr, torch.Tensor):
+        if thr.numel() != n:
+            raise ValueError(f"sparse_linear: {thr.numel()} row thresholds for {n} rows")
+        on = float(thr.max()) > 0 if n else False
+        per_row = thr.float().reshape(-1, 1)
+    else:
+        on, per_row = thr > 0, thr
+    if not on or n == 0 or x.dtype not in KERNEL_DTYPES:
+        mask = score(x2, scale) >= per_row if on else None
         y = dense_linear(x2 * mask if mask is not None else x2, weight_t, bias)
         pairs = n * n_in if mask is None else float(mask.sum())
         spent = dense
@@ -91,14 +100,20 @@ def run_cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
 
 
 def run_cuda(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-             thr: float, count: bool = True, scale: torch.Tensor | None = None
+             thr: float | torch.Tensor, count: bool = True, scale: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, float, float]:  # pragma: no cover - needs a GPU
     """The Triton kernel with a Python float threshold: ``(y, FLOPs skipped, kept pairs)``
-    (with ``count``; reading the count back syncs once per call)."""
+    (with ``count``; reading the count back syncs once per call). With one threshold per
+    row (a tensor) the masked input goes through one dense GEMM (nothing skipped)."""
     from .triton import sparse_linear_triton
 
     n_in, n_out = weight_t.shape
     n = x.numel() // n_in
+    if isinstance(thr, torch.Tensor):
+        x2 = x.reshape(-1, n_in)
+        mask = score(x2, scale) >= thr.to(x.device, torch.float32).reshape(-1, 1)
+        y = F.linear(x2 * mask, weight_t.t(), bias).reshape(*x.shape[:-1], n_out)
+        return y, 0.0, float(mask.sum()) if count else float(n * n_in)
     kept = float(n * n_in)
     if thr > 0 and count:
         kept = float((score(x, scale) >= thr).sum())

@@ -19,8 +19,14 @@ import torch
 def sparse_linear_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
                             threshold: torch.Tensor | float,
                             scale: torch.Tensor | None = None) -> torch.Tensor:
-    thr = float(threshold)
-    kept = x * (score(x, scale) >= thr) if thr > 0 else x
+    rows = x.numel() // max(x.shape[-1], 1)
+    if isinstance(threshold, torch.Tensor) and threshold.numel() == rows and rows > 1:
+        # one threshold per token (row of x flattened to 2-D)
+        thr = threshold.to(device=x.device, dtype=torch.float32).reshape(*x.shape[:-1], 1)
+        kept = x * (score(x, scale) >= thr)
+    else:
+        thr = float(threshold)
+        kept = x * (score(x, scale) >= thr) if thr > 0 else x
     y = kept.to(torch.float32) @ weight_t.to(torch.float32)
     if bias is not None:
         y = y + bias.to(torch.float32)

@@ -66,12 +66,13 @@ static void accumulate_rows(const W* wp, const std::vector<int64_t>& idx,
 // bf16 or fp16; x in any of those; scale fp32 [in] or empty (all ones); the sum in fp32,
 // y in x's dtype.
 // Returns (y, union of active channels, active (token, channel) pairs, sparse path taken).
+// `row_threshold` (fp32 [n], or empty): one threshold per token in place of `threshold`.
 // Without `gemm`, a call that does not skip rows returns the masked input (fp32) in place
 // of y, for the caller's own dense kernel.
 std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
     torch::Tensor x, torch::Tensor wt, torch::Tensor bias, torch::Tensor scale,
     double threshold, int64_t max_tokens, double max_active, int64_t rows_always,
-    bool gemm) {
+    bool gemm, torch::Tensor row_threshold) {
   TORCH_CHECK(x.dim() == 2 && wt.dim() == 2 && x.size(1) == wt.size(0));
   const auto wtype = wt.scalar_type();
   TORCH_CHECK(wtype == at::kFloat || wtype == at::kBFloat16 || wtype == at::kHalf,
@@ -85,6 +86,9 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
   const bool scaled = scale.defined() && scale.numel() == in;
   auto sf = scaled ? scale.to(at::kFloat).contiguous() : torch::Tensor();
   const float* sp = scaled ? sf.data_ptr<float>() : nullptr;
+  const bool per_row = row_threshold.defined() && row_threshold.numel() == n;
+  auto rf = per_row ? row_threshold.to(at::kFloat).contiguous() : torch::Tensor();
+  const float* rp = per_row ? rf.data_ptr<float>() : nullptr;
   // One serial pass: the masked input, the union of active channels, the pair count.
   auto kept_t = torch::empty({n, in}, xf.options());
   float* kp = kept_t.data_ptr<float>();
@@ -93,8 +97,9 @@ std::tuple<torch::Tensor, int64_t, int64_t, bool> sparse_linear_fwd(
   for (int64_t t = 0; t < n; ++t) {
     const float* row = xp + t * in;
     float* krow = kp + t * in;
+    const float tt = rp ? rp[t] : thr;
     for (int64_t i = 0; i < in; ++i) {
-      const bool a = std::fabs(row[i]) * (sp ? sp[i] : 1.0f) >= thr;
+      const bool a = std::fabs(row[i]) * (sp ? sp[i] : 1.0f) >= tt;
       krow[i] = a ? row[i] : 0.0f;
       pairs += a;
       on[i] |= a;

@@ -207,3 +207,55 @@ def test_scope_all_also_gates_linears_outside_detected_blocks():
     assert blocks[-1].op_counts[SPARSE] == 14 < before  # the head stays dense
     assert every[-1].op_counts[SPARSE] == before  # every linear, the head too
     assert every[-1].op_counts["linear"] + every[-1].op_counts["addmm"] == 0
+
+
+class _TokenMLP(torch.nn.Module):
+    """Token-wise (no mixing across rows): each output row depends on its input row only."""
+
+    def __init__(self, d=48, h=160):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.up = torch.nn.Linear(d, h)
+        self.down = torch.nn.Linear(h, d)
+        self.head = torch.nn.Linear(d, 24)
+
+    def forward(self, x):
+        x = x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+        return self.head(x)
+
+
+def test_per_row_budgets_mask_each_row_at_its_own_budget():
+    """``state.rows`` (what a serving engine sets for a batch of requests with their own
+    budgets): each row's output equals the same row run with the whole batch at that
+    row's budget; rows at 1.0 equal the dense model; the kept pairs fall in between."""
+    from dyncompile.core.budget import RowBudgets
+
+    torch.manual_seed(0)
+    model = _TokenMLP().eval()
+    cal = [torch.randn(16, 48) for _ in range(3)]
+    opt = dyncompile.optimize(model, methods=["gated"], calibration=cal, compiler="eager",
+                              form_options={"gated": {"scope": "all"}})
+    assert len(opt.state.rewritten["gated"]) == 3  # up, down, head
+    x = torch.randn(9, 48)
+    per_row = [1.0, 0.5, 0.25] * 3
+    opt.state.rows = RowBudgets.of(per_row)
+    try:
+        with torch.no_grad():
+            mixed = opt(x)
+        kept = opt.stats.ratio("active_channels")
+    finally:
+        opt.state.rows = None
+    with torch.no_grad():
+        dense = model(x)
+    alone = {}
+    for b in (1.0, 0.5, 0.25):
+        with torch.no_grad(), dyncompile.budget(b):
+            alone[b] = opt(x)
+        alone[(b, "kept")] = opt.stats.ratio("active_channels")
+    for i, b in enumerate(per_row):
+        torch.testing.assert_close(mixed[i], alone[b][i], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[0::3], dense[0::3], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[2::3], dense[2::3], atol=1e-3)
+    assert alone[(0.25, "kept")] < kept < alone[(1.0, "kept")]
+    with pytest.raises(ValueError, match="budget"):
+        RowBudgets.of([1.0, 1.5])
