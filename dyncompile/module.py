@@ -136,10 +136,12 @@ class DynModule(nn.Module):
                 "inputs] to optimize() for better plans)", UserWarning, stacklevel=2)
             self.calibrate([Call(args, kwargs)], progress=False, plan=self.planned)
         with self.state.lock:
+            self.state.call_tokens = call_tokens(args, kwargs)
             token = _stats.begin_call(self.state.sync())
             try:
                 out = self._call(*args, **kwargs)
             finally:
+                self.state.call_tokens = None
                 self.stats = _stats.end_call(token)
             if self.stats.graphs == 0 and not self._warned_eager:
                 self._warned_eager = True
@@ -161,14 +163,15 @@ class DynModule(nn.Module):
             options = {**_options(self.config), "state": self.state}
             compiled = torch.compile(own_entry(self.model.forward), backend=dyn_backend,
                                      options=options, dynamic=self._dynamic)
-            if self._mark_batch or self._mark_tokens:
-                def forward(*a: Any, **k: Any) -> Any:
-                    _mark_batch_dynamic([*a, *k.values()], self._mark_tokens)
-                    return compiled(*a, **k)
+            state, mark = self.state, self._mark_batch or self._mark_tokens
 
-                self._compiled_forward = forward
-            else:
-                self._compiled_forward = compiled
+            def forward(*a: Any, **k: Any) -> Any:  # each step: its size class
+                if mark:
+                    _mark_batch_dynamic([*a, *k.values()], self._mark_tokens)
+                state.call_tokens = call_tokens(a, k)
+                return compiled(*a, **k)
+
+            self._compiled_forward = forward
         had = "forward" in vars(self.model)
         saved = vars(self.model).get("forward")
         with self.state.lock:
@@ -181,6 +184,7 @@ class DynModule(nn.Module):
                     self.model.forward = saved
                 else:
                     del self.model.forward
+                self.state.call_tokens = None
                 self.stats = _stats.end_call(token)
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
@@ -378,36 +382,109 @@ def make_plan(opt: DynModule, forms: list[str], fit: list[Any], test: list[Any],
                 spent += opt.stats.spent_flops
         return outs, (spent / dense if dense else 1.0), seconds
 
-    fit = fit[:4]  # each form alone: a few batches are enough to rank the steps
-    for f in forms:  # a form's first sparse call does one-time work: keep it out of timing
-        run(fit[:1], {f: 0.5})
-    refs: dict[int, tuple[list[Any], float]] = {}
-    for key, batches in ((0, fit), (1, test)):
-        run(batches, {})  # warm: the first call of a shape may compile
-        times = []
-        for _ in range(3):
-            outs, _, seconds = run(batches, {})
-            times.append(seconds)
-        refs[key] = (outs, sorted(times)[1])
+    def plan_on(fit: list[Any], test: list[Any], bar: Any) -> Plan:
+        fit = fit[:4] if len(fit) > 4 else fit  # a few batches rank the steps
+        for f in forms:  # a form's first sparse call does one-time work: not timed
+            run(fit[:1], {f: 0.5})
+        refs: dict[int, tuple[list[Any], float]] = {}
+        for key, batches in ((0, fit), (1, test)):
+            run(batches, {})  # warm: the first call of a shape may compile
+            times = []
+            for _ in range(3):
+                outs, _, seconds = run(batches, {})
+                times.append(seconds)
+            refs[key] = (outs, sorted(times)[1])
 
-    def measure(key: int, batches: list[Any]) -> Any:
-        def go(knobs: dict[str, float]) -> Measurement:
-            outs, flops, seconds = run(batches, knobs)
-            ref, dense_time = refs[key]
-            losses = torch.cat([row_losses(r, o, _mask(b), quality) for r, o, b in
-                                zip(ref, outs, batches)]).tolist()
-            return Measurement(flops, seconds / dense_time if dense_time else 1.0, losses)
-        return go
+        def measure(key: int, batches: list[Any]) -> Any:
+            def go(knobs: dict[str, float]) -> Measurement:
+                outs, flops, seconds = run(batches, knobs)
+                ref, dense_time = refs[key]
+                losses = torch.cat([row_losses(r, o, _mask(b), quality) for r, o, b in
+                                    zip(ref, outs, batches)]).tolist()
+                return Measurement(flops, seconds / dense_time if dense_time else 1.0, losses)
+            return go
 
-    bar = tqdm(total=path_length(len(forms)), desc="planning", disable=not progress,
-               leave=False)
-    try:
         plan = search(forms, measure(0, fit), measure(1, test), unit=opt.config.budget_unit,
                       held_out=held_out, progress=bar.update)
         plan.confidence = getattr(state, "confidence", plan.confidence)
         return plan
+
+    # Decode-sized pieces of the batches (their own size class), when the batches are
+    # larger: what a form saves on them can differ (see plan.frontier.SMALL_CALL_TOKENS).
+    small_fit = [p for b in fit[:4] for p in small_pieces(b)]
+    small_test = [p for b in test[:4] for p in small_pieces(b)] if held_out else small_fit
+    sized = bool(small_fit) and bool(small_test)
+    bar = tqdm(total=path_length(len(forms)) * (2 if sized else 1), desc="planning",
+               disable=not progress, leave=False)
+    try:
+        plan = plan_on(fit, test, bar)
+        if sized:
+            plan.small = plan_on(small_fit, small_test, bar)
+        return plan
     finally:
         bar.close()
+
+
+#: Decode-sized pieces taken from each calibration batch for the small size class:
+#: this many rows, this many leading tokens each.
+SMALL_PIECE_ROWS, SMALL_PIECE_TOKENS = 4, 8
+
+
+def call_tokens(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """Tokens of one call: ``input_ids``' elements, else ``inputs_embeds``' rows, else
+    the first tensor argument's (an integer tensor: its elements; a floating one: its
+    rows, all dimensions but the last); None without a tensor argument."""
+    ids = kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        return ids.numel()
+    emb = kwargs.get("inputs_embeds")
+    if isinstance(emb, torch.Tensor) and emb.dim() >= 1:
+        return emb.numel() // max(emb.shape[-1], 1)
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if first is None:
+        return None
+    if not first.is_floating_point() or first.dim() < 2:
+        return first.numel() if not first.is_floating_point() else 1
+    return first.numel() // max(first.shape[-1], 1)
+
+
+def small_pieces(batch: Any) -> list[Any]:
+    """Decode-sized calls cut from one calibration batch: up to ``SMALL_PIECE_ROWS``
+    rows, each its first ``SMALL_PIECE_TOKENS`` tokens (every tensor laid out as the
+    token tensor, batch then sequence, is cut alike; tensors with only the batch
+    dimension keep the row). Empty when the batch is already decode-sized or its
+    layout is not (batch, sequence, ...)."""
+    from .plan.frontier import SMALL_CALL_TOKENS
+
+    args, kwargs = (batch.args, batch.kwargs) if isinstance(batch, Call) else \
+        ((), batch) if isinstance(batch, dict) else \
+        (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {})
+    tokens = call_tokens(args, kwargs)
+    if tokens is None or tokens <= SMALL_CALL_TOKENS:
+        return []
+    ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if not isinstance(ids, torch.Tensor):
+        ids = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    floating = ids.is_floating_point()
+    if ids.dim() < (3 if floating else 2):
+        return []
+    rows, length = ids.shape[0], ids.shape[1]
+    keep = min(length, SMALL_PIECE_TOKENS)
+
+    def cut(value: Any, r: int) -> Any:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows:
+            return value
+        if value.dim() >= 2 and value.shape[1] == length:
+            return value[r:r + 1, :keep]
+        return value[r:r + 1]
+
+    out = []
+    for r in range(min(rows, SMALL_PIECE_ROWS)):
+        a = tuple(cut(v, r) for v in args)
+        k = {name: cut(v, r) for name, v in kwargs.items()}
+        out.append(Call(a, k) if isinstance(batch, Call) else k if isinstance(batch, dict)
+                   else type(batch)(a) if isinstance(batch, (tuple, list)) else a[0])
+    return out
 
 
 def _mask(batch: Any) -> torch.Tensor | None:

@@ -128,6 +128,8 @@ class BudgetState:
         # carry their own budgets), or None: every row at ``value``. Forms that support
         # it read ``row_knobs``; the others run the call at ``value``.
         self.rows: RowBudgets | None = None
+        # Tokens of the running call, when the caller knows them (the plan's size class).
+        self.call_tokens: int | None = None
         self.lock = threading.RLock()
         self.calibrating = False
         # Calibrate on a graph's first inputs when nothing else will (the bare backend);
@@ -182,7 +184,7 @@ class BudgetState:
             return list(self.rows.levels)
         out = []
         for level in self.rows.levels:
-            value, knobs = self.plan.resolve("budget", level)
+            value, knobs = self.plan.resolve("budget", level, self.call_tokens)
             out.append(knobs.get(form, value))
         return out
 
@@ -211,7 +213,7 @@ class BudgetState:
                                    "model first (optimize(..., calibration=batches))")
             self.value, self.knobs = value, {}
             return value
-        self.value, self.knobs = self.plan.resolve(kind, value)
+        self.value, self.knobs = self.plan.resolve(kind, value, self.call_tokens)
         return self.value
 
 

@@ -15,6 +15,12 @@ which gives the :class:`Plan`:
 - a tolerance picks the cheapest point of the path whose loss is certified within
   it, testing the path's points in order (fixed-sequence Learn-then-Test, with the
   Hoeffding-Bentkus bound of :mod:`dyncompile.plan.bound`).
+
+Size classes: what a form saves depends on the call's size (the ``gated`` kernels
+skip weight rows only for calls of a few tokens, as in decoding). A plan measured on
+calibration batches larger than :data:`SMALL_CALL_TOKENS` tokens carries a second
+plan, ``small``, measured on decode-sized pieces of the same batches; a call of at
+most that many tokens resolves its budget there.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 #: Spent fractions the plan places a jointly measured point at (or just below).
 TARGETS = tuple(round(1.0 - 0.05 * i, 2) for i in range(1, 19))  # 0.95 ... 0.10
 UNITS = ("flops", "time")
+#: Calls of at most this many tokens form the small size class (the decode regime: the
+#: sparse kernels' row walk, ``SPARSE_MAX_TOKENS``).
+SMALL_CALL_TOKENS = 16
 DEFAULT_CONFIDENCE = 0.9
 
 
@@ -101,6 +110,8 @@ class Plan:
     held_out: bool = True
     confidence: float = DEFAULT_CONFIDENCE
     single: dict[str, list[Point]] = field(default_factory=dict)
+    #: The plan for calls of at most ``SMALL_CALL_TOKENS`` tokens (None: this one).
+    small: Plan | None = None
     _cache: dict[tuple[str, float], tuple[float, dict[str, float]]] = field(
         default_factory=dict, repr=False)
 
@@ -171,9 +182,20 @@ class Plan:
         return Certificate(tolerance, confidence, chosen,
                            bound.upper_bound(chosen.loss, chosen.rows, delta), rows)
 
-    def resolve(self, kind: str, value: float) -> tuple[float, dict[str, float]]:
+    def for_tokens(self, tokens: int | None) -> Plan:
+        """The plan of a call's size class: ``small`` for calls of at most
+        ``SMALL_CALL_TOKENS`` tokens when there is one, else this plan."""
+        if self.small is not None and tokens is not None and tokens <= SMALL_CALL_TOKENS:
+            return self.small
+        return self
+
+    def resolve(self, kind: str, value: float,
+                tokens: int | None = None) -> tuple[float, dict[str, float]]:
         """(the value in force, every form's knob) for ``("budget", b)`` or
-        ``("tolerance", t)``; cached, so a call pays one dictionary lookup."""
+        ``("tolerance", t)`` for a call of ``tokens`` tokens (None: unknown, the main
+        plan); cached, so a call pays one dictionary lookup."""
+        if tokens is not None and self.small is not None and tokens <= SMALL_CALL_TOKENS:
+            return self.small.resolve(kind, value)
         key = (kind, value)
         got = self._cache.get(key)
         if got is None:
@@ -217,6 +239,9 @@ class Plan:
                      f"{'held-out ' if self.held_out else ''}rows (1 - cosine, or top-1 "
                      f"disagreement for logits); {len(self.points)} points measured; a "
                      f"budget runs the row at or below it")
+        if self.small is not None:
+            lines += ["", f"calls of at most {SMALL_CALL_TOKENS} tokens (decode-sized):",
+                      self.small.table()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -253,7 +278,8 @@ class Plan:
         return {"forms": self.forms, "unit": self.unit, "held_out": self.held_out,
                 "confidence": self.confidence,
                 "points": [asdict(p) for p in self.points],
-                "single": {f: [asdict(p) for p in ps] for f, ps in self.single.items()}}
+                "single": {f: [asdict(p) for p in ps] for f, ps in self.single.items()},
+                "small": self.small.to_dict() if self.small is not None else None}
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Plan:
@@ -261,7 +287,8 @@ class Plan:
                    unit=doc.get("unit", "flops"), held_out=bool(doc.get("held_out", True)),
                    confidence=float(doc.get("confidence", DEFAULT_CONFIDENCE)),
                    single={f: [Point(**p) for p in ps]
-                           for f, ps in doc.get("single", {}).items()})
+                           for f, ps in doc.get("single", {}).items()},
+                   small=cls.from_dict(doc["small"]) if doc.get("small") else None)
 
 
 def search(forms: Sequence[str], measure_fit: Callable[[dict[str, float]], Measurement],

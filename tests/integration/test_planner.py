@@ -186,3 +186,37 @@ def test_quality_option_plans_on_the_measure_the_user_names():
     assert [p.loss for p in opt.plan.points] != [p.loss for p in top1.plan.points]
     with pytest.raises(ValueError, match="quality must be one of"):
         dyncompile.optimize(model, quality="kl")
+
+
+def test_decode_sized_calls_get_their_own_plan():
+    """Batches larger than a decode step also plan on decode-sized pieces of themselves:
+    gated saves nothing on 32-token calls (its kernel skips rows only for a few tokens)
+    but does on 4-token ones, so a budget picks different knobs per size class."""
+    from dyncompile.plan.frontier import SMALL_CALL_TOKENS, Plan
+
+    entry, model = _llama()
+    opt = _calibrated(model, entry, ["gated", "expert"])
+    plan = opt.plan
+    assert plan.small is not None and plan.small.small is None
+    large, small = plan.resolve("budget", 0.5, 32)[1], plan.resolve("budget", 0.5, 4)[1]
+    assert small.get("gated", 1.0) < 1.0
+    assert large != small
+    assert plan.for_tokens(SMALL_CALL_TOKENS) is plan.small
+    assert plan.for_tokens(SMALL_CALL_TOKENS + 1) is plan
+    assert "decode-sized" in plan.table()
+    few = entry.inputs(1, 4)
+    with torch.no_grad(), dyncompile.budget(0.5):
+        opt(**few)
+    assert opt.state.knobs == small and opt.stats.fraction < 0.8
+    assert assert_matches_dense(model, opt, few, atol=1e-5) < 1e-5  # budget 1.0
+    again = Plan.from_dict(plan.to_dict())
+    assert again.small is not None and again.resolve("budget", 0.5, 4)[1] == small
+    # generate(): every decode step is one token, so it runs the small plan
+    prompt = entry.inputs(1, 6)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        out = opt.generate(prompt, max_new_tokens=4, do_sample=False)
+        assert torch.equal(ref, out)
+        with dyncompile.budget(0.5):
+            opt.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert opt.stats.fraction < 0.9
