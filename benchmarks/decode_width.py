@@ -5,7 +5,10 @@ weights (speed does not depend on the values; quality is measured on the trained
 harness LM by ``dyncompile bench``). The dense model runs its ``forward`` under the
 default ``torch.compile``; each form is ``dyncompile.optimize(model, methods=[form],
 calibration=..., plan=False)`` (calibrated on random token batches; the budget is
-the form's own knob: ``gated`` keeps that share of its linears' work) at every budget. All go
+the form's own knob: ``gated`` keeps that share of its linears' work) at every budget;
+``planned`` (or ``planned:gated+expert``) is ``optimize(model, methods=[...],
+calibration=...)`` with its plan, the budget a fraction of the whole model (decode
+steps run the plan's decode-sized frontier). All go
 through Hugging Face ``generate()`` (greedy, KV cache) at batch 1 (or ``--batch``),
 interleaved, median of repeats, a fixed number of threads. Reported: tokens/s, the
 ratio to dense, the fraction of the model's dense FLOPs spent (the whole ``generate()``,
@@ -50,10 +53,15 @@ def run(shape: str = "0.5b", dtype: str = "fp32", methods: tuple[str, ...] = ("g
     resident = {"dense": dense_bytes}
     setup_s: dict[str, float] = {}
     for method in methods:
-        form, opts = parse_method(method)
         t1 = time.perf_counter()
-        opt = dyncompile.optimize(base, methods=[form], calibration=random_prompts(vocab),
-                                  form_options={form: opts} if opts else None, plan=False)
+        if method.startswith("planned"):  # the whole model's budget, through the plan
+            forms = method.split(":", 1)[1].split("+") if ":" in method else ["gated"]
+            opt = dyncompile.optimize(base, methods=forms, calibration=random_prompts(vocab))
+        else:
+            form, opts = parse_method(method)
+            opt = dyncompile.optimize(base, methods=[form], calibration=random_prompts(vocab),
+                                      form_options={form: opts} if opts else None,
+                                      plan=False)
         setup_s[method] = time.perf_counter() - t1
         models[method] = opt
         resident[method] = resident_bytes(opt.model)

@@ -62,7 +62,8 @@ class InlineExtension:
                     os.environ.setdefault("MAX_JOBS", "2")
                     self._module = load_inline(
                         name=name, cpp_sources=[source], functions=self.functions,
-                        extra_cflags=list(self.cflags), verbose=False)
+                        extra_cflags=[*self.cflags, *parallel_flags()],
+                        extra_ldflags=parallel_flags(), verbose=False)
                 except Exception as e:  # noqa: BLE001  (no compiler: the op's torch path)
                     log.warning("dyncompile: C++ kernel %s unavailable (%s); using the torch "
                                 "path", self.name, e)
@@ -94,7 +95,7 @@ class InlineExtension:
         machine's instruction sets): each version of a kernel builds in a folder of its
         own, so checkouts of different versions never rebuild each other's, and a build
         cache shared between machines never hands one CPU another's binary."""
-        parts = [source, *self.cflags]
+        parts = [source, *self.cflags, *parallel_flags()]
         if any("native" in f for f in self.cflags):
             parts.append(host_key())
         key = "\0".join(parts).encode()
@@ -110,6 +111,20 @@ class InlineExtension:
         flags = tuple(march if f == "-march=native" else f for f in self.cflags)
         return InlineExtension(f"{self.name}_portable", self.path, self.functions, flags,
                                self.defines)
+
+
+@functools.cache
+def parallel_flags() -> list[str]:
+    """``-fopenmp`` where torch's own thread pool is OpenMP on Linux (its wheels ship
+    ``libgomp.so.1``, which the kernels then share: the same threads, and
+    ``torch.set_num_threads`` holds): ATen's ``at::parallel_for`` is a header that runs
+    serially in code compiled without it. Nothing elsewhere (the kernels run on one
+    thread there)."""
+    import torch
+
+    if platform.system() == "Linux" and getattr(torch._C, "has_openmp", False):
+        return ["-fopenmp"]
+    return []
 
 
 @functools.cache
