@@ -369,6 +369,8 @@ def make_plan(opt: DynModule, forms: list[str], fit: list[Any], test: list[Any],
     state = opt.state
     quality = opt.quality
 
+    per_token = False  # the small size class: FLOPs as if each token row ran alone
+
     def run(batches: list[Any], knobs: dict[str, float]) -> tuple[list[Any], float, float]:
         outs, dense, spent, seconds = [], 0.0, 0.0, 0.0
         with torch.no_grad():
@@ -379,7 +381,7 @@ def make_plan(opt: DynModule, forms: list[str], fit: list[Any], test: list[Any],
                 # a copy: a runner may reuse its output buffers
                 outs.append(_detached(out, callable(quality)))
                 dense += opt.stats.dense_flops
-                spent += opt.stats.spent_flops
+                spent += opt.stats.token_spent_flops if per_token else opt.stats.spent_flops
         return outs, (spent / dense if dense else 1.0), seconds
 
     def plan_on(fit: list[Any], test: list[Any], bar: Any) -> Plan:
@@ -418,7 +420,8 @@ def make_plan(opt: DynModule, forms: list[str], fit: list[Any], test: list[Any],
                disable=not progress, leave=False)
     try:
         plan = plan_on(fit, test, bar)
-        if sized:
+        if sized:  # decode steps run one token per row: FLOPs as if each row ran alone
+            per_token = True
             plan.small = plan_on(small_fit, small_test, bar)
         return plan
     finally:

@@ -17,11 +17,20 @@ class CallStats:
     graphs: int = 0
     counters: dict[str, list[float]] = field(default_factory=dict)
     last_graph_flops: float = field(default=0.0, repr=False)
+    #: Spent FLOPs had each token row run as a call of its own (the decode regime):
+    #: ``spent_flops`` but for ops whose skipping depends on the rows run together
+    #: (``gated``'s kernels skip a weight row only when no row of the call needs it).
+    token_spent_flops: float = 0.0
 
     @property
     def fraction(self) -> float:
         """Spent / dense FLOPs (1.0 when nothing was skipped)."""
         return self.spent_flops / self.dense_flops if self.dense_flops else 1.0
+
+    @property
+    def token_fraction(self) -> float:
+        """``token_spent_flops`` / dense FLOPs."""
+        return self.token_spent_flops / self.dense_flops if self.dense_flops else 1.0
 
     def ratio(self, name: str) -> float | None:
         """A ratio the forms' ops reported (e.g. "active_channels"), or None."""
@@ -58,10 +67,12 @@ def record_graph(dense: float, budget: float) -> None:
     global _LAST
     stats = _CURRENT.get()
     if stats is None:  # a plain torch.compile call: each graph is its own call
-        _LAST = CallStats(dense, dense, budget, 1, last_graph_flops=dense)
+        _LAST = CallStats(dense, dense, budget, 1, last_graph_flops=dense,
+                          token_spent_flops=dense)
         return
     stats.dense_flops += dense
     stats.spent_flops += dense
+    stats.token_spent_flops += dense
     stats.budget = budget
     stats.graphs += 1
     stats.last_graph_flops = dense
@@ -72,6 +83,7 @@ def record_saving(flops: float) -> None:
     stats = _CURRENT.get()
     target = stats if stats is not None else _LAST
     target.spent_flops -= flops
+    target.token_spent_flops -= flops
 
 
 def record_saving_fraction(fraction: float) -> None:
@@ -80,14 +92,18 @@ def record_saving_fraction(fraction: float) -> None:
     stats = _CURRENT.get()
     target = stats if stats is not None else _LAST
     target.spent_flops -= fraction * target.last_graph_flops
+    target.token_spent_flops -= fraction * target.last_graph_flops
 
 
-def record_op(saving: float, *ratios: tuple[str, float, float]) -> None:
+def record_op(saving: float, *ratios: tuple[str, float, float],
+              token_saving: float | None = None) -> None:
     """``record_saving(saving)`` and ``record_ratio(*r)`` for each of ``ratios``, in one
-    call (an op's kernel calls it once per call)."""
+    call (an op's kernel calls it once per call). ``token_saving``: what the call would
+    have skipped with each token row run alone, where that differs from ``saving``."""
     stats = _CURRENT.get()
     target = stats if stats is not None else _LAST
     target.spent_flops -= saving
+    target.token_spent_flops -= saving if token_saving is None else token_saving
     for name, num, den in ratios:
         pair = target.counters.setdefault(name, [0.0, 0.0])
         pair[0] += num
@@ -101,6 +117,7 @@ def record_spent(name: str, flops: float) -> None:
     stats = _CURRENT.get()
     target = stats if stats is not None else _LAST
     target.spent_flops += flops
+    target.token_spent_flops += flops
     pair = target.counters.setdefault(name, [0.0, 0.0])
     pair[0] += flops
 

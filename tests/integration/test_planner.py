@@ -208,6 +208,12 @@ def test_decode_sized_calls_get_their_own_plan():
     with torch.no_grad(), dyncompile.budget(0.5):
         opt(**few)
     assert opt.state.knobs == small and opt.stats.fraction < 0.8
+    # the small frontier counts FLOPs as each token row alone: a 1-token call spends
+    # about what its point measured
+    with torch.no_grad(), dyncompile.budget(0.5):
+        opt(**entry.inputs(1, 1))
+    point = plan.small.point_for_budget(0.5)
+    assert abs(opt.stats.fraction - point.flops) < 0.12, (opt.stats.fraction, point)
     assert assert_matches_dense(model, opt, few, atol=1e-5) < 1e-5  # budget 1.0
     again = Plan.from_dict(plan.to_dict())
     assert again.small is not None and again.resolve("budget", 0.5, 4)[1] == small

@@ -55,7 +55,9 @@ def _gated_cpu(x, weight_t, bias, state_id, site):
         _stats.record_op(0.0, ("active_channels", x.numel(), x.numel()))
         return _sparse.dense_linear(x, weight_t, bias)
     y, saving, pairs = _sparse.run_cpu(x, weight_t, bias, thr, scale_of(state_id, site))
-    _stats.record_op(saving, ("active_channels", pairs, x.numel()))
+    # each token alone would walk only its own active rows
+    _stats.record_op(saving, ("active_channels", pairs, x.numel()),
+                     token_saving=2.0 * weight_t.shape[1] * (x.numel() - pairs))
     return y
 
 
@@ -128,7 +130,8 @@ def _(a, x, w_up, b_up, w_down_t, b_down, state_id, site):
 
 def _record(n: int, d: int, hid: int, out: int, pairs: float, spent: float) -> None:
     dense = 2.0 * n * hid * (d + out)
-    _stats.record_op(dense - spent, ("active_channels", pairs, n * hid))
+    _stats.record_op(dense - spent, ("active_channels", pairs, n * hid),
+                     token_saving=dense - 2.0 * pairs * (d + out))
 
 
 @cats_glu.register_kernel("cpu")

@@ -259,3 +259,18 @@ def test_per_row_budgets_mask_each_row_at_its_own_budget():
     assert alone[(0.25, "kept")] < kept < alone[(1.0, "kept")]
     with pytest.raises(ValueError, match="budget"):
         RowBudgets.of([1.0, 1.5])
+
+
+def test_token_spent_counts_each_row_alone():
+    """``stats.token_spent_flops``: what the call would spend with each token row run as a
+    call of its own. One row: the same as spent; 8 rows whose active channels differ:
+    the kernel walks their union (or runs dense), each row alone only its own."""
+    entry, model, opt = _optimized("llama")
+    with torch.no_grad(), dyncompile.budget(0.5):
+        opt(**entry.inputs(1, 1))
+        one = opt.stats
+        opt(**entry.inputs(2, 4))
+        eight = opt.stats
+    assert one.token_fraction == pytest.approx(one.fraction, abs=1e-9) and one.fraction < 0.9
+    assert eight.token_fraction < eight.fraction - 0.05
+    assert eight.token_fraction == pytest.approx(one.fraction, abs=0.15)
