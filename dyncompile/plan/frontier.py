@@ -143,8 +143,10 @@ class Plan:
         within = [p for p in self.points if p.cost(unit) <= value + 1e-9]
         if not within:
             cheapest = self.frontier()[0]
+            where = (f" for calls of more than {SMALL_CALL_TOKENS} tokens"
+                     if self.small is not None else "")
             warnings.warn(
-                f"dyncompile: budget {value:g} is below every planned point: the cheapest "
+                f"dyncompile: budget {value:g} is below every planned point{where}: the cheapest "
                 f"spends {cheapest.cost(unit):.3f} of dense "
                 f"{'FLOPs' if unit == 'flops' else 'time'} (loss {cheapest.loss:.3g}) and "
                 f"runs instead (the forms' knobs reach no lower on this model)",
