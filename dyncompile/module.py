@@ -433,22 +433,25 @@ def make_plan(opt: DynModule, forms: list[str], fit: list[Any], test: list[Any],
 SMALL_PIECE_ROWS, SMALL_PIECE_TOKENS = 4, 8
 
 
+def _token_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The tensor that carries a call's tokens: ``input_ids``, else ``inputs_embeds``, else
+    the first tensor argument (None without one)."""
+    for name in ("input_ids", "inputs_embeds"):
+        if isinstance(kwargs.get(name), torch.Tensor):
+            return kwargs[name]
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+
+
 def call_tokens(args: tuple, kwargs: dict[str, Any]) -> int | None:
-    """Tokens of one call: ``input_ids``' elements, else ``inputs_embeds``' rows, else
-    the first tensor argument's (an integer tensor: its elements; a floating one: its
-    rows, all dimensions but the last); None without a tensor argument."""
-    ids = kwargs.get("input_ids")
-    if isinstance(ids, torch.Tensor):
-        return ids.numel()
-    emb = kwargs.get("inputs_embeds")
-    if isinstance(emb, torch.Tensor) and emb.dim() >= 1:
-        return emb.numel() // max(emb.shape[-1], 1)
-    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-    if first is None:
+    """Tokens of one call, from its token tensor (``input_ids``, else ``inputs_embeds``,
+    else the first tensor argument): an integer tensor's elements, a floating one's rows
+    (all dimensions but the last); None without a tensor argument."""
+    t = _token_tensor(args, kwargs)
+    if t is None:
         return None
-    if not first.is_floating_point() or first.dim() < 2:
-        return first.numel() if not first.is_floating_point() else 1
-    return first.numel() // max(first.shape[-1], 1)
+    if not t.is_floating_point():
+        return t.numel()
+    return t.numel() // max(t.shape[-1], 1) if t.dim() >= 2 else 1
 
 
 def small_pieces(batch: Any) -> list[Any]:
@@ -465,9 +468,7 @@ def small_pieces(batch: Any) -> list[Any]:
     tokens = call_tokens(args, kwargs)
     if tokens is None or tokens <= SMALL_CALL_TOKENS:
         return []
-    ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-    if not isinstance(ids, torch.Tensor):
-        ids = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    ids = _token_tensor(args, kwargs)
     floating = ids.is_floating_point()
     if ids.dim() < (3 if floating else 2):
         return []

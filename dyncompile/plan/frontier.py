@@ -196,8 +196,9 @@ class Plan:
         """(the value in force, every form's knob) for ``("budget", b)`` or
         ``("tolerance", t)`` for a call of ``tokens`` tokens (None: unknown, the main
         plan); cached, so a call pays one dictionary lookup."""
-        if tokens is not None and self.small is not None and tokens <= SMALL_CALL_TOKENS:
-            return self.small.resolve(kind, value)
+        plan = self.for_tokens(tokens)
+        if plan is not self:
+            return plan.resolve(kind, value)
         key = (kind, value)
         got = self._cache.get(key)
         if got is None:
