@@ -58,6 +58,30 @@ class _DenseCost:
         return float(self.fn(*[values.get(s, 1) for s in self.syms]))
 
 
+def _tapped(gm: fx.GraphModule, taps: list[tuple[list[fx.Node], Callable[[list[Any]], None]]]
+            ) -> Callable[..., Any] | None:
+    """The graph run eagerly, handing the values of the tapped nodes to their sinks after
+    each call (``PassContext.taps``); None when there is nothing to tap."""
+    graph = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    live = [(nodes, sink) for nodes, sink in taps if all(n in val_map for n in nodes)]
+    if not live:
+        return None
+    graph.output((out, tuple(val_map[n] for nodes, _ in live for n in nodes)))
+    probe = fx.GraphModule(gm, graph, class_name="Tapped")
+
+    def run(*args: Any) -> Any:
+        result, values = probe(*args)
+        i = 0
+        for nodes, sink in live:
+            sink(list(values[i:i + len(nodes)]))
+            i += len(nodes)
+        return result
+
+    return run
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConfig,
                   state: BudgetState | None = None,
                   capture: list[Snapshot] | None = None,
@@ -78,6 +102,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
     cost = _DenseCost(gm, blocks.total_flops if blocks is not None else 0,
                       blocks.raw_symbols if blocks is not None else set())
     runner = ctx.program if ctx.program is not None else gm
+    # While calibrating, the graph runs eagerly with the forms' taps as extra outputs.
+    tapped = _tapped(gm, ctx.taps) if ctx.taps and ctx.program is None else None
+    calibrate_with = tapped or runner
     pending = state.pending_calibration()
     if pending and not state.calibrating and state.auto_calibrate:
         log.warning("dyncompile: no calibration data for %s; calibrating on the first inputs "
@@ -86,7 +113,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
         state.calibrating = True
         try:
             with torch.no_grad():
-                runner(*example_inputs)
+                calibrate_with(*example_inputs)
         finally:
             state.calibrating = False
         state.finalize_calibration()
@@ -115,7 +142,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: DynConf
     def run(*args: Any) -> Any:
         value = state.sync()
         _stats.record_graph(cost(args), value)
-        out = compiled(*args)
+        out = tapped(*args) if tapped is not None and state.calibrating else compiled(*args)
         if deferred:
             for fn in deferred:
                 fn()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -60,6 +62,16 @@ def end_call(token: contextvars.Token) -> CallStats:
     _CURRENT.reset(token)
     _LAST = stats
     return stats
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """Run ops without recording into any user call's stats (measuring a setting)."""
+    token = _CURRENT.set(CallStats())
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 def record_graph(dense: float, budget: float) -> None:

@@ -32,6 +32,12 @@ class PassContext:
     rewritten: dict[str, list[str]] = field(default_factory=dict)
     # Which form owns each node it rewrote: a later form leaves those nodes alone.
     claimed: dict[fx.Node, str] = field(default_factory=dict)
+    # Values a form wants to see while calibrating: ``(nodes, sink)``. The backend then
+    # runs calibration calls on the graph itself (eagerly) with these nodes as extra
+    # outputs and hands their values to ``sink(values)`` after each call. Not honoured
+    # when a form runs the graph in pieces (``program``).
+    taps: list[tuple[list[fx.Node], Callable[[list[Any]], None]]] = \
+        field(default_factory=list)
 
     def claim(self, form: str, nodes: Any) -> None:
         """Mark ``nodes`` as rewritten by ``form``: later forms must not rewrite them."""

@@ -15,9 +15,12 @@ projection stays dense). Thresholds come from |x| quantiles gathered on
 calibration data through the graph itself (no hooks). The budget maps to
 per-site sparsities so the rewritten linears spend about ``budget`` of their
 dense cost: the same keep fraction everywhere (``allocation="uniform"``,
-default) or a greedy allocation that spends the sparsity where the estimated
-output error grows least per FLOP saved (``allocation="greedy"``). Budget 1.0
-gives threshold 0, the dense model.
+default), a greedy allocation that spends the sparsity where the estimated
+output error grows least per FLOP saved (``allocation="greedy"``), or TEAL's
+allocation on each block's real output (``allocation="block"``: while
+calibrating, the block's inputs are recorded through the graph's taps; each
+block is then re-run on them for every candidate step). Budget 1.0 gives
+threshold 0, the dense model.
 
 Weights the kernels read transposed are switched once, in place, to the
 transposed memory order (same values and shape), so an active channel is one
@@ -40,12 +43,16 @@ from ...passes.graph_utils import eliminate_dead_code, is_param, shape_of
 from ...passes.linears import LinearSite
 from ...passes.splice import LINEAR_FLOPS, copy_meta, glu_product, replaced_node
 from ...passes.weights import Weights
+from ...program.pieces import build_piece
 from . import ops as _ops  # noqa: F401  (registers gated_linear and cats_glu)
-from .allocation import GreedyPath, SiteCost, uniform_sparsity
+from .allocation import GreedyPath, SiteCost, StepPath, block_path, uniform_sparsity
+from .blocks import BlockProbe, block_region
 from .calibration import MagnitudeSample, RowSample, interpolate
 
 LEVELS = torch.linspace(0.0, 0.99, 100, dtype=torch.float64)
 ERROR_LEVELS = LEVELS[::5]  # 0, 0.05, ..., 0.95: the greedy allocation's steps
+BLOCK_FLOOR = 0.1  # the block allocation's path stops once a block spends this little
+BLOCK_CHECKS = (0.5, 0.3)  # budgets at which a block's path is compared with uniform
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,11 @@ class GatedOptions:
 
     glu: "teal" (every linear gated on its own input) or "cats" (a GLU FFN becomes one
         ``cats_glu`` op thresholding the gate activation).
-    allocation: "uniform" (the same keep fraction at every site) or "greedy" (sparsity
-        where calibration estimates the least output error per FLOP saved).
+    allocation: "uniform" (the same keep fraction at every site), "greedy" (sparsity
+        where calibration estimates the least output error per FLOP saved, from each
+        site's inputs alone) or "block" (TEAL's: within each FFN and attention block,
+        greedy steps on the error of the block's output, measured by running the block
+        on recorded inputs; every block spends the budget).
     layout: "input_major" (weights switched once, in place, to input-major memory
         order) or "as_is".
     criterion: which input channels a linear drops: "magnitude" (smallest |x_i|, as
@@ -68,7 +78,7 @@ class GatedOptions:
     """
 
     glu: str = choice("teal", "cats")
-    allocation: str = choice("uniform", "greedy")
+    allocation: str = choice("uniform", "greedy", "block")
     layout: str = choice("input_major", "as_is")
     criterion: str = choice("magnitude", "wina")
     scope: str = choice("blocks", "all")
@@ -89,6 +99,13 @@ class GatedRuntime:
         self.tables: dict[str, torch.Tensor] = {}
         self.errors: dict[str, torch.Tensor] = {}
         self.path: GreedyPath | None = None
+        # allocation="block": each block's recorded inputs and its path
+        self.blocks: dict[str, BlockProbe] = {}
+        self.block_paths: dict[str, StepPath] = {}
+        # block -> budget -> (its path's output error, uniform's) on the recorded inputs
+        self.block_checks: dict[str, dict[float, tuple[float, float]]] = {}
+        # site -> threshold in force regardless of the budget (measuring one setting)
+        self.override: dict[str, float] | None = None
         self._cache: dict[float, dict[str, float]] = {}  # budget -> site -> threshold
 
     @property
@@ -122,7 +139,43 @@ class GatedRuntime:
             self.errors = {s: self._error_curve(s) for s in self.tables}
             self.path = GreedyPath({s: self.costs.get(s, SiteCost()) for s in self.errors},
                                    self.errors, ERROR_LEVELS)
+        if self.allocation == "block":
+            self._fit_blocks()
         self._cache.clear()
+
+    def _fit_blocks(self) -> None:
+        from tqdm.auto import tqdm
+
+        costs = {s: self.costs.get(s, SiteCost()) for s in self.tables}
+        todo = {k: p for k, p in self.blocks.items()
+                if p.calls and set(p.sites) <= set(self.tables)}
+        levels = len(ERROR_LEVELS) - 1
+        with tqdm(total=sum(len(p.sites) ** 2 * levels for p in todo.values()),
+                  desc="gated: block allocation", leave=False, disable=not todo) as bar:
+            for key, probe in todo.items():
+                path = self.block_paths[key] = block_path(
+                    costs, probe.sites, ERROR_LEVELS,
+                    lambda alloc, probe=probe: self.block_error(probe, alloc),
+                    floor=BLOCK_FLOOR, progress=lambda: bar.update(1))
+                # what the path gained: its error against uniform's at two budgets
+                self.block_checks[key] = {
+                    b: (self.block_error(probe, path.sparsity(b)),
+                        self.block_error(probe, uniform_sparsity(
+                            {s: costs[s] for s in probe.sites}, b, float(LEVELS[-1]))))
+                    for b in BLOCK_CHECKS}
+                probe.calls.clear()  # the recorded inputs are not needed any more
+                probe.targets.clear()
+            bar.update(bar.total - bar.n)
+
+    def block_error(self, probe: BlockProbe, alloc: dict[str, float]) -> float:
+        """Relative squared error of the block's output on its recorded inputs with each
+        site at sparsity ``alloc[site]`` (sites not named: dense)."""
+        self.override = {s: interpolate(LEVELS, self.tables[s], v) if v > 0 else 0.0
+                         for s, v in alloc.items()}
+        try:
+            return probe.error()
+        finally:
+            self.override = None
 
     def _error_curve(self, site: str) -> torch.Tensor:
         """Estimated relative output error of the site at each of ERROR_LEVELS."""
@@ -143,10 +196,19 @@ class GatedRuntime:
             return dict.fromkeys(self.tables, 0.0)
         if self.path is not None:
             return self.path.sparsity(budget)
+        if self.block_paths:
+            alloc: dict[str, float] = {}
+            for path in self.block_paths.values():
+                alloc.update(path.sparsity(budget))
+            rest = {s: self.costs.get(s, SiteCost()) for s in self.tables if s not in alloc}
+            alloc.update(uniform_sparsity(rest, budget, float(LEVELS[-1])) if rest else {})
+            return alloc
         return uniform_sparsity({s: self.costs.get(s, SiteCost()) for s in self.tables},
                                 budget, float(LEVELS[-1]))
 
     def threshold(self, site: str, budget: float) -> float:
+        if self.override is not None:
+            return self.override.get(site, 0.0)
         if budget >= 1.0:
             return 0.0
         per_site = self._cache.get(budget)
@@ -167,8 +229,10 @@ class GatedRuntime:
         tensors = {f"{s}/table": t for s, t in self.tables.items()}
         tensors.update({f"{s}/errors": e for s, e in self.errors.items()})
         tensors.update({f"{s}/scale": t for s, t in self.scales.items()})
+        tensors.update({f"{k}/path": p.to_tensor() for k, p in self.block_paths.items()})
         meta = {"allocation": self.allocation, "criterion": self.criterion,
-                "costs": {s: [c.cost, c.fixed] for s, c in self.costs.items()}}
+                "costs": {s: [c.cost, c.fixed] for s, c in self.costs.items()},
+                "blocks": {k: p.sites for k, p in self.block_paths.items()}}
         return tensors, meta
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -180,6 +244,9 @@ class GatedRuntime:
             site, kind = key.rsplit("/", 1)
             if kind == "scale":
                 self.scales[site] = t.float()
+            elif kind == "path":
+                self.block_paths[site] = StepPath.from_tensor(
+                    meta["blocks"][site], ERROR_LEVELS.tolist(), t)
             else:
                 (self.tables if kind == "table" else self.errors)[site] = t.double()
         if self.allocation == "greedy":
@@ -247,13 +314,17 @@ class GatedForm(Pass):
                       if s not in sites and id(s) not in taken and is_param(s.weight)
                       and ctx.owner(s.node) is None and ctx.owner(s.output) is None]
         self._weights = Weights(gm, ctx, convert=opts.layout == "input_major")
+        new: dict[int, tuple[str, fx.Node]] = {}  # id(site) -> (site name, its op node)
         for site in sites:
-            self._rewrite_linear(gm, site, ctx.state.id, runtime)
+            new[id(site)] = self._rewrite_linear(gm, site, ctx.state.id, runtime)
             ctx.claim(self.name, [site.node, site.output])
         for m in cats:
-            self._rewrite_cats(gm, m, ctx.state.id, runtime)
+            new[id(m.down)] = self._rewrite_cats(gm, m, ctx.state.id, runtime)
+            new[id(m.up)] = new[id(m.down)]
         eliminate_dead_code(gm.graph)
         gm.recompile()
+        if opts.allocation == "block":
+            self._probe_blocks(gm, ctx, runtime, new)
         gm.meta["dyn_gated_sites"] = [s.weight_name for s in sites]
         gm.meta["dyn_cats_sites"] = [m.down.weight_name for m in cats]
         ctx.log.append(f"gated: rewrote {len(sites)} linears"
@@ -265,9 +336,43 @@ class GatedForm(Pass):
         del self._weights
         return [*gm.meta["dyn_gated_sites"], *gm.meta["dyn_cats_sites"]]
 
+    # -- allocation="block": what each block's measurement runs ----------------------------
+    def _probe_blocks(self, gm: fx.GraphModule, ctx: PassContext, runtime: GatedRuntime,
+                      new: dict[int, tuple[str, fx.Node]]) -> None:
+        """For each FFN and attention block whose output projection this form rewrote: the
+        region from its sites' inputs to that output as a sub-module, and a tap recording
+        its inputs and dense output while calibrating."""
+        found = 0
+        for block in [*ctx.blocks.ffn, *ctx.blocks.attention]:
+            last = getattr(block, "down", None) or getattr(block, "o", None)
+            if last is None or id(last) not in new:
+                continue
+            members = [s for s in [*getattr(block, "up", []), getattr(block, "gate", None),
+                                   last, getattr(block, "q", None), getattr(block, "k", None),
+                                   getattr(block, "v", None)]
+                       if s is not None and id(s) in new]
+            output = new[id(last)][1]
+            # what the block's ops read: x of each gated_linear, x (not the gate
+            # activation, computed from x inside the block) of a cats_glu
+            seeds = list(dict.fromkeys(
+                op.args[1] if op.target is torch.ops.dyncompile.cats_glu.default
+                else op.args[0] for op in (new[id(s)][1] for s in members)))
+            region = block_region(seeds, output)
+            if region is None:
+                ctx.log.append(f"gated: block {new[id(last)][0]!r} writes in place; "
+                               "uniform allocation there")
+                continue
+            piece = build_piece(gm, f"block{found}", region, [output])
+            key = new[id(last)][0]
+            sites = sorted({new[id(s)][0] for s in members})
+            probe = runtime.blocks.setdefault(key, BlockProbe(sites, piece.module))
+            ctx.taps.append(([*piece.inputs, output], probe.record))
+            found += 1
+        ctx.log.append(f"gated: block allocation measures {found} blocks")
+
     # -- one linear -> gated_linear ------------------------------------------------------
     def _rewrite_linear(self, gm: fx.GraphModule, site: LinearSite, state_id: int,
-                        runtime: GatedRuntime) -> None:
+                        runtime: GatedRuntime) -> tuple[str, fx.Node]:
         g = gm.graph
         replace = replaced_node(site)
         name = site.weight_name or site.node.name
@@ -284,10 +389,11 @@ class GatedForm(Pass):
         if runtime.criterion == "wina" and norms is not None:
             p = self._weights.param(site.weight)
             runtime.scales[name] = norms.sqrt().to(p.device if p is not None else "cpu")
+        return name, y
 
     # -- GLU FFN -> cats_glu ---------------------------------------------------------------
     def _rewrite_cats(self, gm: fx.GraphModule, m: _CatsMatch, state_id: int,
-                      runtime: GatedRuntime) -> None:
+                      runtime: GatedRuntime) -> tuple[str, fx.Node]:
         g = gm.graph
         up, down = m.up, m.down
         replace = replaced_node(down)
@@ -305,6 +411,7 @@ class GatedForm(Pass):
         cost = float(2 * d * hid + hid * out)
         runtime.register(name, cost, fixed=d * hid / cost,
                          channel_weight=self._input_norms(down))
+        return name, y
 
     def _input_norms(self, site: LinearSite) -> torch.Tensor | None:
         """Squared norm of each input channel's weights (the row the kernel reads)."""

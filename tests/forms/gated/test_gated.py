@@ -274,3 +274,56 @@ def test_token_spent_counts_each_row_alone():
     assert one.token_fraction == pytest.approx(one.fraction, abs=1e-9) and one.fraction < 0.9
     assert eight.token_fraction < eight.fraction - 0.05
     assert eight.token_fraction == pytest.approx(one.fraction, abs=0.15)
+
+
+@pytest.mark.parametrize("name,glu", [("llama", "teal"), ("bert", "teal"), ("llama", "cats")])
+def test_block_allocation_beats_uniform_on_the_block_outputs(name, glu):
+    """allocation="block" (TEAL's): one measured region per FFN and attention block, its
+    gated ops counted; budget 1.0 dense; each block spends the budget; on the block
+    outputs it measured, its error is below uniform's; the paths save and load."""
+    entry, model, opt = _optimized(name, form_options={"gated": {"allocation": "block",
+                                                                 "glu": glu}})
+    runtime = opt.state.forms["gated"]
+    blocks = runtime.blocks
+    assert len(blocks) == 4 and set(runtime.block_paths) == set(blocks)  # 2 layers x 2
+    sites = [s for p in blocks.values() for s in p.sites]
+    assert sorted(sites) == sorted(runtime.tables)  # every site in exactly one block
+    ops = [sum(n.target in (torch.ops.dyncompile.gated_linear.default,
+                            torch.ops.dyncompile.cats_glu.default)
+               for n in p.run.graph.nodes) for p in blocks.values()]
+    assert sorted(ops) == sorted(len(p.sites) for p in blocks.values())
+    inputs = entry.inputs(2, 8)
+    assert assert_matches_dense(model, opt, inputs, atol=1e-5) < 1e-5
+    for b in (0.5, 0.3):
+        alloc = runtime.sparsity(b)
+        for key, probe in blocks.items():
+            c = {s: runtime.costs[s] for s in probe.sites}
+            spent = sum(c[s].cost * (c[s].fixed + (1 - c[s].fixed) * (1 - alloc[s]))
+                        for s in c) / sum(c[s].cost for s in c)
+            # (a CATS FFN's dense gate projection bounds what its block can save)
+            least = runtime.block_paths[key].points[-1][0]
+            assert spent == pytest.approx(max(b, least), abs=0.01)
+        checks = [runtime.block_checks[k][b] for k in blocks]
+        assert all(path <= uniform * 1.05 for path, uniform in checks)
+        assert sum(p for p, _ in checks) < sum(u for _, u in checks)
+    assert max(runtime.sparsity(0.5).values()) - min(runtime.sparsity(0.5).values()) > 0.1
+    with torch.no_grad(), dyncompile.budget(0.5):
+        opt(**inputs)
+    assert opt.stats.ratio("active_channels") < 0.8
+    tensors, meta = runtime.export()
+    again = type(runtime)()
+    again.restore(tensors, meta, model)
+    assert again.sparsity(0.3) == pytest.approx(runtime.sparsity(0.3))
+
+
+def test_block_allocation_under_inductor_records_through_the_taps():
+    """With Inductor compiling the graph, calibration runs the tapped graph eagerly, so
+    every block still gets its recorded inputs and a path."""
+    entry = ZOO["llama"]
+    model = entry.build()
+    opt = dyncompile.optimize(model, methods=["gated"], calibration=[entry.inputs(4, 8)],
+                              form_options={"gated": {"allocation": "block"}}, plan=False)
+    runtime = opt.state.forms["gated"]
+    assert len(runtime.block_paths) == 4
+    inputs = entry.inputs(2, 8)
+    assert assert_matches_dense(model, opt, inputs, atol=1e-4) < 1e-4
