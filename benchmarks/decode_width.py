@@ -13,8 +13,10 @@ through Hugging Face ``generate()`` (greedy, KV cache) at batch 1 (or ``--batch`
 interleaved, median of repeats, a fixed number of threads. Reported: tokens/s, the
 ratio to dense, the fraction of the model's dense FLOPs spent (the whole ``generate()``,
 and its decode steps alone), the bytes each model
-keeps resident (parameters and buffers, shared storage counted once) and whether
-greedy tokens at budget 1.0 equal dense.
+keeps resident (parameters and buffers, shared storage counted once), the peak memory
+of a ``generate()`` call (resident bytes plus how far the process's resident set rose
+above its size before the call, Linux) and whether greedy tokens at budget 1.0 equal
+dense.
 
     python benchmarks/decode_width.py [--shape 0.5b|1b|tiny] [--dtype fp32|bf16]
         [--methods gated,expert] [--budgets 1.0,0.75,0.5,0.3] [--new-tokens 16]
@@ -34,7 +36,7 @@ import torch
 
 import dyncompile
 from dyncompile.eval.sweep import parse_method
-from dyncompile.eval.timing import device_info, time_interleaved
+from dyncompile.eval.timing import device_info, peak_rss_during, time_interleaved
 from dyncompile.testing.llama_shapes import DTYPES, SHAPES, build, random_prompts, resident_bytes
 
 
@@ -124,6 +126,14 @@ def run(shape: str = "0.5b", dtype: str = "fp32", methods: tuple[str, ...] = ("g
                     pre = opt.stats
                 dense_steps = full.dense_flops - pre.dense_flops
                 decode[f"{method}@{b}"] = (full.spent_flops - pre.spent_flops) / dense_steps
+        # Peak memory of one generate() call: the model's bytes plus the working set.
+        rise = {"dense": peak_rss_during(gen_dense)}
+        for method in methods:
+            for b in budgets:
+                rise[f"{method}@{b}"] = peak_rss_during(lambda m=method, b=b: gen_opt(m, b))
+        peak = {k: None if v is None or rise["dense"] is None else
+                (resident[k.split("@")[0]] + v) / (dense_bytes + rise["dense"])
+                for k, v in rise.items()}
     names = [k for k in t if not k.endswith("/prefill")]
     tokens_s = {k: batch * new_tokens / t[k] for k in names}
     # Decode steps alone: the new tokens after the first over the time past the prefill.
@@ -144,7 +154,9 @@ def run(shape: str = "0.5b", dtype: str = "fp32", methods: tuple[str, ...] = ("g
             "prefill_s": {k: t[f"{k}/prefill"] for k in names},
             "spent_fraction": spent,
             "spent_fraction_decode_steps": decode,
-            "resident_vs_dense": {k: v / dense_bytes for k, v in resident.items()}}
+            "resident_vs_dense": {k: v / dense_bytes for k, v in resident.items()},
+            "generate_peak_rise_bytes": rise,
+            "peak_vs_dense": peak}
 
 
 SECTION = "decode-width"
@@ -155,8 +167,8 @@ def render(results: list[dict[str, Any]]) -> str:
     """One table row per (shape, dtype, batch, model), from saved result files."""
     lines = ["| shape | dtype | batch | model | decode tok/s | decode vs dense | "
              "generate() vs dense | spent (decode steps) | resident vs dense | "
-             "greedy = dense at 1.0 | CPU, ISA, threads, date |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak vs dense | greedy = dense at 1.0 | CPU, ISA, threads, date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["meta"]["params"], r["meta"]["dtype"],
                                             r["meta"]["batch"])):
         m = r["meta"]
@@ -167,10 +179,12 @@ def render(results: list[dict[str, Any]]) -> str:
                                             else "**no**")
             spent = r["spent_fraction_decode_steps"].get(k, 1.0)
             res = r["resident_vs_dense"].get(method, 1.0)
+            pk = r.get("peak_vs_dense", {}).get(k)
+            pk_s = "" if pk is None else f"{pk:.3f}"
             lines.append(f"| {m['shape']} ({m['params'] / 1e9:.2f} B) | {m['dtype']} | "
                          f"{m['batch']} | {k} | {v:.2f} | {r['decode_speedup'][k]:.2f}x | "
-                         f"{r['speedup'][k]:.2f}x | {spent:.3f} | {res:.3f} | {same} | "
-                         f"{where} |")
+                         f"{r['speedup'][k]:.2f}x | {spent:.3f} | {res:.3f} | {pk_s} | "
+                         f"{same} | {where} |")
     return "\n".join(lines)
 
 

@@ -96,3 +96,38 @@ def _device_sync() -> Callable[[], None]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.synchronize
     return lambda: None
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_during(fn: Callable[[], Any]) -> int | None:
+    """Bytes by which the process's resident set peaked above its size before ``fn()``:
+    Linux's high-water mark (``VmHWM``), reset first through ``/proc/self/clear_refs``,
+    after handing freed heap back to the system (glibc's ``malloc_trim``). None where
+    that is not available."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(peak - before, 0) * 1024
