@@ -7,7 +7,7 @@ import torch
 
 from dyncompile.eval import report
 from dyncompile.eval.sweep import parse_method, run_sweep, save
-from dyncompile.eval.timing import paired_speedup, time_interleaved
+from dyncompile.eval.timing import paired_speedup, peak_rss_during, time_interleaved
 from dyncompile.eval.workload import Workload
 from dyncompile.testing.zoo import PlainMLP
 
@@ -46,6 +46,23 @@ def test_time_interleaved_rotates_and_returns_medians():
                          repeats=4, warmup=1)
     assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
     assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def test_peak_rss_sees_what_a_call_held_at_its_peak():
+    """peak_rss_during: a call that holds 64 MiB at once peaks at least that far above
+    where it started, and one that holds nothing does not (Linux; None elsewhere)."""
+    import sys
+
+    def hold():
+        t = torch.ones(16 << 20)  # 64 MiB, touched
+        return float(t.sum())
+
+    big, small = peak_rss_during(hold), peak_rss_during(lambda: torch.ones(8).sum())
+    if not sys.platform.startswith("linux"):
+        assert big is None and small is None
+        return
+    assert big is not None and small is not None
+    assert big >= 60 << 20 and small < 16 << 20
 
 
 def test_paired_speedup_pairs_calls_of_the_same_round():
