@@ -29,6 +29,7 @@ contiguous row and no weight is ever copied per call.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,8 @@ from . import ops as _ops  # noqa: F401  (registers gated_linear and cats_glu)
 from .allocation import GreedyPath, SiteCost, StepPath, block_path, uniform_sparsity
 from .blocks import BlockProbe, block_region
 from .calibration import MagnitudeSample, RowSample, interpolate
+
+log = logging.getLogger("dyncompile")
 
 LEVELS = torch.linspace(0.0, 0.99, 100, dtype=torch.float64)
 ERROR_LEVELS = LEVELS[::5]  # 0, 0.05, ..., 0.95: the greedy allocation's steps
@@ -149,6 +152,10 @@ class GatedRuntime:
         costs = {s: self.costs.get(s, SiteCost()) for s in self.tables}
         todo = {k: p for k, p in self.blocks.items()
                 if p.calls and set(p.sites) <= set(self.tables)}
+        if len(todo) < len(self.blocks) or not self.blocks:
+            log.warning("gated: allocation='block' found recorded inputs for %d of %d blocks "
+                        "(none when another form runs the graph in pieces); the others "
+                        "keep the uniform allocation", len(todo), len(self.blocks))
         levels = len(ERROR_LEVELS) - 1
         with tqdm(total=sum(len(p.sites) ** 2 * levels for p in todo.values()),
                   desc="gated: block allocation", leave=False, disable=not todo) as bar:
