@@ -119,7 +119,35 @@ class TokenRunner:
         self.g = graph
         self.runtime = runtime
         self.state = state
+        # Per-call work that depends only on the sizes and the budget, kept:
+        # (tokens, budget) -> tokens entering each piece; (size expr, sizes) -> int.
+        self._plans: dict[tuple[int, float], list[int]] = {}
+        self._ints: dict[tuple[Any, tuple], int] = {}
         _token_cpu.kernel_available()  # registers the ops (and their C++ CPU kernels)
+
+    def _plan(self, tokens: int, value: float) -> list[int]:
+        key = (tokens, value)
+        plan = self._plans.get(key)
+        if plan is None:
+            g = self.g
+            if len(self._plans) > 256:
+                self._plans.clear()
+            ratio = keep_ratio(value, tokens, g.merge_after, g.linear_cost, g.quadratic_cost,
+                               g.head_cost)
+            plan = self._plans[key] = token_counts(tokens, ratio, g.merge_after)
+        return plan
+
+    def _int(self, expr: Any, binding: dict[sympy.Symbol, int]) -> int:
+        """``expr`` (a size: int or sympy expression) at the sizes of this call."""
+        if isinstance(expr, int):
+            return expr
+        key = (expr, tuple(sorted((str(k), v) for k, v in binding.items())))
+        value = self._ints.get(key)
+        if value is None:
+            if len(self._ints) > 4096:
+                self._ints.clear()
+            value = self._ints[key] = int(sympy.sympify(expr).subs(binding))
+        return value
 
     def compile(self, compiler: str) -> None:
         self.g.compile(compiler)
@@ -142,10 +170,8 @@ class TokenRunner:
         g = self.g
         binding = self._binding(env)
         ref = node_example(g.stream[0])
-        rows, tokens = (int(sympy.sympify(_expr(s)).subs(binding)) for s in ref.shape[:2])
-        ratio = keep_ratio(value, tokens, g.merge_after, g.linear_cost, g.quadratic_cost,
-                           g.head_cost)
-        plan = token_counts(tokens, ratio, g.merge_after)
+        rows, tokens = (self._int(_expr(s), binding) for s in ref.shape[:2])
+        plan = self._plan(tokens, value)
         dev = env[next(n for n in g.placeholders if isinstance(env[n], torch.Tensor))].device
         ar = torch.arange(tokens, device=dev).expand(rows, tokens)
         tok = _Tokens(index=ar, rep=ar, size=torch.ones(rows, tokens, device=dev))
@@ -164,7 +190,7 @@ class TokenRunner:
                         reduced[key] = _take(v, g.token_inputs[j][u], tok.rep)
                     v = reduced[key]
                 elif tok.step and u in g.size_ints[j]:
-                    v = int(g.size_ints[j][u].subs({**binding, g.tokens_symbol: n}))
+                    v = self._int(g.size_ints[j][u], {**binding, g.tokens_symbol: n})
                 args.append(v)
             if g.biased[j]:
                 args.append(tok.size.log().to(g.bias_dtype.get(j, torch.float32))[:, None, None])
