@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import networkx as nx
 import torch
 from torch import fx
 
@@ -30,31 +31,18 @@ def _static(n: fx.Node, memo: dict[fx.Node, bool]) -> bool:
     return memo[n]
 
 
-def block_region(seeds: list[fx.Node], output: fx.Node) -> list[fx.Node] | None:
-    """The nodes computing ``output`` from ``seeds`` (graph order): those that depend on
-    a seed and that ``output`` depends on, with what they compute from parameters alone
-    (so only activations are recorded). None when the region writes into a tensor in
-    place (re-running it would change its own recorded inputs)."""
-    graph = output.graph
-    pos = {n: i for i, n in enumerate(graph.nodes)}
-    limit = pos[output]
-    ahead: set[fx.Node] = set()
-    stack = list(seeds)
-    while stack:
-        for u in stack.pop().users:
-            if u not in ahead and pos[u] <= limit:
-                ahead.add(u)
-                stack.append(u)
-    behind: set[fx.Node] = set()
-    stack = [output]
-    while stack:
-        n = stack.pop()
-        if n not in behind:
-            behind.add(n)
-            stack.extend(n.all_input_nodes)
+def block_region(g: nx.DiGraph, seeds: list[fx.Node], output: fx.Node
+                 ) -> list[fx.Node] | None:
+    """The nodes computing ``output`` from ``seeds`` (graph order; ``g`` is the graph's
+    ``to_nx`` view): those that depend on a seed and that ``output`` depends on, with
+    what they compute from parameters alone (so only activations are recorded). None
+    when the region writes into a tensor in place (re-running it would change its own
+    recorded inputs)."""
+    ahead = set().union(*(nx.descendants(g, s) for s in seeds))
+    behind = nx.ancestors(g, output) | {output}
     memo: dict[fx.Node, bool] = {}
-    region = [n for n in graph.nodes if n in behind and n.op not in ("placeholder", "get_attr")
-              and (n in ahead or _static(n, memo))]
+    region = [n for n in output.graph.nodes if n in behind
+              and n.op not in ("placeholder", "get_attr") and (n in ahead or _static(n, memo))]
     if any(mutates(n) for n in region):
         return None
     return region

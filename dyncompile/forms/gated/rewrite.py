@@ -40,7 +40,7 @@ from ...core.options import choice
 from ...core.registry import register_form
 from ...passes.base import Pass, PassContext
 from ...passes.blocks import FFNBlock
-from ...passes.graph_utils import eliminate_dead_code, is_param, shape_of
+from ...passes.graph_utils import eliminate_dead_code, is_param, shape_of, to_nx
 from ...passes.linears import LinearSite
 from ...passes.splice import LINEAR_FLOPS, copy_meta, glu_product, replaced_node
 from ...passes.weights import Weights
@@ -350,6 +350,7 @@ class GatedForm(Pass):
         region from its sites' inputs to that output as a sub-module, and a tap recording
         its inputs and dense output while calibrating."""
         found = 0
+        g = to_nx(gm.graph)
         for block in [*ctx.blocks.ffn, *ctx.blocks.attention]:
             last = getattr(block, "down", None) or getattr(block, "o", None)
             if last is None or id(last) not in new:
@@ -364,7 +365,7 @@ class GatedForm(Pass):
             seeds = list(dict.fromkeys(
                 op.args[1] if op.target is torch.ops.dyncompile.cats_glu.default
                 else op.args[0] for op in (new[id(s)][1] for s in members)))
-            region = block_region(seeds, output)
+            region = block_region(g, seeds, output)
             if region is None:
                 ctx.log.append(f"gated: block {new[id(last)][0]!r} writes in place; "
                                "uniform allocation there")
