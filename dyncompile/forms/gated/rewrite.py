@@ -274,6 +274,14 @@ class _CatsMatch:
         return self.block.down
 
 
+def _block_linears(block: Any) -> list[LinearSite]:
+    """The linears of an FFN block (up projections, gate included, and down) or of an
+    attention block (q, k, v, o)."""
+    return [s for s in [*getattr(block, "up", []), getattr(block, "down", None),
+                        getattr(block, "q", None), getattr(block, "k", None),
+                        getattr(block, "v", None), getattr(block, "o", None)] if s is not None]
+
+
 def _match_cats(block: FFNBlock) -> _CatsMatch | None:
     parts = glu_product(block)
     if parts is None:
@@ -310,10 +318,8 @@ class GatedForm(Pass):
         taken = {id(s) for m in cats for s in (m.up, m.down, m.block.gate)}
         sites: list[LinearSite] = []
         for block in [*ctx.blocks.ffn, *ctx.blocks.attention]:
-            for s in [*getattr(block, "up", []), getattr(block, "down", None),
-                      getattr(block, "q", None), getattr(block, "k", None),
-                      getattr(block, "v", None), getattr(block, "o", None)]:
-                if (s is not None and s not in sites and id(s) not in taken
+            for s in _block_linears(block):
+                if (s not in sites and id(s) not in taken
                         and ctx.owner(s.node) is None and ctx.owner(s.output) is None):
                     sites.append(s)
         if opts.scope == "all":
@@ -355,10 +361,7 @@ class GatedForm(Pass):
             last = getattr(block, "down", None) or getattr(block, "o", None)
             if last is None or id(last) not in new:
                 continue
-            members = [s for s in [*getattr(block, "up", []), getattr(block, "gate", None),
-                                   last, getattr(block, "q", None), getattr(block, "k", None),
-                                   getattr(block, "v", None)]
-                       if s is not None and id(s) in new]
+            members = [s for s in _block_linears(block) if id(s) in new]
             output = new[id(last)][1]
             # what the block's ops read: x of each gated_linear, x (not the gate
             # activation, computed from x inside the block) of a cats_glu
